@@ -1,0 +1,111 @@
+"""The seed's four augmentations: flip, zero-pad random crop, colour jitter, rotation.
+
+The pixel maths (`apply_augmentation`) is written once against an array namespace `xp`, so numpy
+(PyTorch training, parity batches) and jax.numpy (Flax, inside jit) run the very same operations.
+Only the random draws differ per framework: `draw_augment_params` draws them from a numpy
+Generator; `flax_expert` draws the same distributions from a JAX key.
+
+Order: crop -> flip -> colour jitter (brightness, contrast, saturation) -> rotation (nearest
+neighbour, zero fill). Images are uint8 NHWC in and out.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import NamedTuple
+
+import numpy as np
+
+from expert_core.config import AugmentConfig
+
+# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale uses.
+_LUMA = (0.299, 0.587, 0.114)
+
+
+class AugmentParams(NamedTuple):
+    """Per-image random choices for one batch of N images."""
+
+    flip: object  # (N,) bool
+    crop_offset: object  # (N, 2) int32: top-left corner (y, x) in the padded image, 0..2*padding
+    brightness: object  # (N,) float32 factors
+    contrast: object  # (N,) float32 factors
+    saturation: object  # (N,) float32 factors
+    angle: object  # (N,) float32 radians
+
+
+def draw_augment_params(rng: np.random.Generator, n: int, config: AugmentConfig) -> AugmentParams:
+    def factor(strength):
+        return rng.uniform(1 - strength, 1 + strength, n).astype(np.float32)
+
+    max_angle = math.radians(config.rotation_degrees)
+    return AugmentParams(
+        flip=(rng.random(n) < 0.5) if config.flip else np.zeros(n, bool),
+        crop_offset=rng.integers(0, 2 * config.crop_padding + 1, (n, 2)).astype(np.int32),
+        brightness=factor(config.brightness),
+        contrast=factor(config.contrast),
+        saturation=factor(config.saturation),
+        angle=rng.uniform(-max_angle, max_angle, n).astype(np.float32),
+    )
+
+
+def augment_batch(images: np.ndarray, rng: np.random.Generator, config: AugmentConfig) -> np.ndarray:
+    """Augment a uint8 NHWC batch with choices drawn from `rng` (numpy end to end)."""
+    params = draw_augment_params(rng, images.shape[0], config)
+    return apply_augmentation(images, params, config.crop_padding, np)
+
+
+def apply_augmentation(images, params: AugmentParams, padding: int, xp):
+    x = _crop_and_flip(images, params, padding, xp)
+    x = _colour_jitter(x.astype(xp.float32), params, xp)
+    x = xp.clip(xp.rint(x), 0, 255).astype(xp.uint8)
+    return _rotate(x, params.angle, xp)
+
+
+def _gather(images, rows, cols, valid, xp):
+    """out[n, i, j] = images[n, rows[n, i, j], cols[n, i, j]] where valid, else 0."""
+    n, h, w, c = images.shape
+    flat = images.reshape(n, h * w, c)
+    index = xp.clip(rows, 0, h - 1) * w + xp.clip(cols, 0, w - 1)
+    picked = xp.take_along_axis(flat, index.reshape(n, h * w, 1), axis=1).reshape(n, h, w, c)
+    return xp.where(valid[..., None], picked, xp.zeros_like(picked))
+
+
+def _crop_and_flip(images, params: AugmentParams, padding: int, xp):
+    n, h, w, _ = images.shape
+    i = xp.arange(h).reshape(1, h, 1)
+    j = xp.arange(w).reshape(1, 1, w)
+    j = xp.where(params.flip.reshape(n, 1, 1), w - 1 - j, j)
+    # A crop of the zero-padded image is a shifted read of the original; outside it reads zero.
+    rows = i + params.crop_offset[:, 0].reshape(n, 1, 1) - padding
+    cols = j + params.crop_offset[:, 1].reshape(n, 1, 1) - padding
+    valid = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    return _gather(images, rows, cols, valid, xp)
+
+
+def _grayscale(x, xp):
+    return (_LUMA[0] * x[..., 0] + _LUMA[1] * x[..., 1] + _LUMA[2] * x[..., 2])[..., None]
+
+
+def _blend(x, other, factor, xp):
+    return xp.clip(factor.reshape(-1, 1, 1, 1) * x + (1 - factor.reshape(-1, 1, 1, 1)) * other, 0, 255)
+
+
+def _colour_jitter(x, params: AugmentParams, xp):
+    x = xp.clip(x * params.brightness.reshape(-1, 1, 1, 1), 0, 255)
+    x = _blend(x, xp.mean(_grayscale(x, xp), axis=(1, 2, 3), keepdims=True), params.contrast, xp)
+    return _blend(x, _grayscale(x, xp), params.saturation, xp)
+
+
+def _rotate(images, angle, xp):
+    """Rotate each image about its centre by its angle, nearest neighbour, zero fill."""
+    n, h, w, _ = images.shape
+    cy, cx = (h - 1) / 2, (w - 1) / 2
+    y = xp.arange(h, dtype=xp.float32).reshape(1, h, 1) - cy
+    x = xp.arange(w, dtype=xp.float32).reshape(1, 1, w) - cx
+    cos = xp.cos(angle).reshape(n, 1, 1)
+    sin = xp.sin(angle).reshape(n, 1, 1)
+    # Inverse map: the output pixel (y, x) reads the input at the point rotated back by -angle.
+    rows = xp.rint(cos * y - sin * x + cy).astype(xp.int32)
+    cols = xp.rint(sin * y + cos * x + cx).astype(xp.int32)
+    valid = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
+    return _gather(images, rows, cols, valid, xp)

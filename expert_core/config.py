@@ -1,0 +1,174 @@
+"""The one source of truth for the architecture, the training recipe and the presets.
+
+Framework-free on purpose: `torch_reference` and `flax_expert` both read these dataclasses and
+nothing else, so a preset means the same network and the same recipe on either side.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+
+NUM_CLASSES = 10
+CLASS_NAMES = (
+    "airplane", "automobile", "bird", "cat", "deer",
+    "dog", "frog", "horse", "ship", "truck",
+)
+# The usual CIFAR-10 train-set statistics; both frameworks normalise with exactly these.
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+MERGE_MODES = ("branches", "stacked", "aggregated")
+
+
+@dataclass(frozen=True)
+class BlockConfig:
+    """One expert block: its output width, and whether it max-pools or adds a residual."""
+
+    out_channels: int
+    pool: bool = True
+    residual: bool = False
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The expert-block CNN of ../shared/spec/ARCHITECTURE.md."""
+
+    stem_channels: int = 32
+    blocks: tuple[BlockConfig, ...] = (BlockConfig(64), BlockConfig(128), BlockConfig(256))
+    kernel_size: int = 3
+    num_experts: int = 4
+    reduction: int = 4
+    temperature: float = 1.0
+    classifier_hidden: int = 0  # 0: GAP -> Dense(10); >0: GAP -> Dense -> ReLU -> Dropout -> Dense
+    dropout: float = 0.0
+    num_classes: int = NUM_CLASSES
+    # PyTorch convention: new = (1 - m) * old + m * batch. Flax uses momentum = 1 - m.
+    bn_momentum: float = 0.1
+    bn_eps: float = 1e-5
+
+    def __post_init__(self):
+        problems = []
+        if self.kernel_size % 2 != 1:
+            problems.append(f"kernel_size must be odd for symmetric padding, got {self.kernel_size}")
+        if self.num_experts < 1:
+            problems.append(f"num_experts must be >= 1, got {self.num_experts}")
+        if self.reduction < 1:
+            problems.append(f"reduction must be >= 1, got {self.reduction}")
+        if self.temperature <= 0:
+            problems.append(f"temperature must be > 0, got {self.temperature}")
+        if not self.blocks:
+            problems.append("a model needs at least one expert block")
+        in_channels = self.stem_channels
+        for i, block in enumerate(self.blocks):
+            if block.residual and (block.pool or block.out_channels != in_channels):
+                problems.append(
+                    f"block {i}: a residual needs in == out channels and no pool, "
+                    f"got {in_channels} -> {block.out_channels}, pool={block.pool}")
+            in_channels = block.out_channels
+        if problems:
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+
+    def block_in_channels(self) -> list[int]:
+        return [self.stem_channels] + [b.out_channels for b in self.blocks[:-1]]
+
+    def expert_hidden(self, in_channels: int) -> int:
+        """Width of the expert branch's first FC: max(C // r, 4), as the spec says."""
+        return max(in_channels // self.reduction, 4)
+
+
+@dataclass(frozen=True)
+class AugmentConfig:
+    """The seed's four augmentations; a zero turns one off."""
+
+    flip: bool = True
+    crop_padding: int = 4
+    brightness: float = 0.2
+    contrast: float = 0.2
+    saturation: float = 0.2
+    rotation_degrees: float = 15.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The training recipe. Defaults are the seed's: L2-coupled Adam, StepLR, label smoothing."""
+
+    epochs: int = 240
+    batch_size: int = 128
+    optimizer: str = "adam_l2"  # "adam_l2": PyTorch Adam(weight_decay); "adamw": decoupled decay
+    learning_rate: float = 1e-3
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    weight_decay: float = 5e-4
+    lr_schedule: str = "step"  # "step": StepLR; "onecycle": linear warm-up then linear decay
+    step_size_epochs: int = 30
+    step_gamma: float = 0.5
+    warmup_fraction: float = 0.2  # onecycle only
+    label_smoothing: float = 0.1
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    temperature_start: float = 0.0  # > 0: anneal linearly from here to the model's temperature
+    temperature_anneal_epochs: int = 0
+    test_time_flip: bool = False
+
+    def __post_init__(self):
+        if self.optimizer not in ("adam_l2", "adamw"):
+            raise ValueError(f"optimizer must be 'adam_l2' or 'adamw', got {self.optimizer!r}")
+        if self.lr_schedule not in ("step", "onecycle"):
+            raise ValueError(f"lr_schedule must be 'step' or 'onecycle', got {self.lr_schedule!r}")
+
+
+@dataclass(frozen=True)
+class Preset:
+    name: str
+    model: ModelConfig
+    train: TrainConfig
+    description: str
+
+
+PRESETS: dict[str, Preset] = {
+    "seed": Preset(
+        "seed",
+        ModelConfig(),
+        TrainConfig(),
+        "The seed's network and recipe: stem 32, three K=4 expert blocks 64/128/256 with pooling, "
+        "Adam lr 1e-3 + L2 5e-4, StepLR(30 epochs, 0.5), label smoothing 0.1, "
+        "flip / pad-4 crop / colour jitter 0.2 / rotation 15 deg, batch 128, 240 epochs.",
+    ),
+    "tiny": Preset(
+        "tiny",
+        ModelConfig(stem_channels=8, blocks=(BlockConfig(8), BlockConfig(16)), num_experts=2),
+        TrainConfig(epochs=1, batch_size=32, step_size_epochs=1),
+        "A few thousand parameters, for tests and smoke runs.",
+    ),
+}
+
+
+def get_preset(name: str) -> Preset:
+    try:
+        return PRESETS[name]
+    except KeyError:
+        raise KeyError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
+
+
+def to_dict(config) -> dict:
+    """A JSON-ready dict of any config dataclass (tuples become lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(config)))
+
+
+def model_config_from_dict(d: dict) -> ModelConfig:
+    d = dict(d)
+    d["blocks"] = tuple(BlockConfig(**b) for b in d["blocks"])
+    return ModelConfig(**d)
+
+
+def train_config_from_dict(d: dict) -> TrainConfig:
+    d = dict(d)
+    d["augment"] = AugmentConfig(**d["augment"])
+    d["adam_betas"] = tuple(d["adam_betas"])
+    return TrainConfig(**d)
+
+
+def with_overrides(train: TrainConfig, **overrides) -> TrainConfig:
+    """The recipe with the given fields replaced; None values keep the preset's choice."""
+    return dataclasses.replace(train, **{k: v for k, v in overrides.items() if v is not None})
