@@ -1,0 +1,93 @@
+"""What a training run leaves in its directory, identical for both frameworks.
+
+- `metrics.jsonl`: one JSON object per epoch (losses, accuracies, learning rate, temperature,
+  seconds, images/s, and per block the mean attention per expert and the attention entropy).
+- `summary.json`: the final figures and everything needed to reproduce the run.
+- `evaluation.npz`: the last evaluation's predictions, probabilities and attention, for reports.
+- `curves.png`, `confusion_matrix.png`, `attention_per_class.png`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from expert_core.files import atomic_write_bytes
+
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+EVALUATION_FILE = "evaluation.npz"
+
+
+def write_metrics(run_dir: Path, history: list[dict]) -> None:
+    """Rewrite the whole metrics file: on resume it must hold exactly the epochs the checkpoint has."""
+    text = "".join(json.dumps(row) + "\n" for row in history)
+    atomic_write_bytes(run_dir / METRICS_FILE, text.encode())
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    path = Path(run_dir) / METRICS_FILE
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def write_json(path: Path, payload: dict) -> None:
+    atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
+
+
+def write_evaluation(run_dir: Path, evaluation: dict[str, np.ndarray]) -> None:
+    partial = Path(run_dir) / (EVALUATION_FILE + ".partial")
+    with open(partial, "wb") as f:
+        np.savez_compressed(f, **evaluation)
+    os.replace(partial, Path(run_dir) / EVALUATION_FILE)
+
+
+def attention_statistics(attention: list[np.ndarray]) -> dict:
+    """Per block: mean attention per expert and mean attention entropy (nats), as plain lists."""
+    usage, entropy = [], []
+    for a in attention:
+        a = np.asarray(a, np.float64)
+        usage.append(a.mean(0).round(6).tolist())
+        entropy.append(float(-(a * np.log(np.clip(a, 1e-12, None))).sum(1).mean()))
+    return {"expert_usage": usage, "attention_entropy": entropy}
+
+
+def attention_per_class(attention: list[np.ndarray], labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(blocks, classes, experts): the mean attention of each class's images in each block."""
+    return np.stack([np.stack([np.asarray(a)[labels == c].mean(0) for c in range(num_classes)])
+                     for a in attention])
+
+
+def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(labels * num_classes + predictions, minlength=num_classes ** 2).reshape(
+        num_classes, num_classes)
+
+
+def git_commit() -> str:
+    try:
+        here = Path(__file__).resolve().parent
+        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                               capture_output=True, text=True, timeout=10).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def command_line() -> str:
+    return " ".join([Path(sys.executable).name] + sys.argv)

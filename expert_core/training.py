@@ -1,0 +1,268 @@
+"""The training driver both `train_flax.py` and `train_torch.py` run.
+
+Everything that is not a tensor operation lives here once: data loading and batching, the epoch
+loop, progress, metrics, checkpoints and resume, plots and the summary. A framework plugs in a
+`Backend` that does the numerical work; the driver never imports torch or jax.
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+import numpy as np
+
+from expert_core import checkpoints, plots, runfiles, schedules
+from expert_core.config import (MERGE_MODES, ModelConfig, TrainConfig, get_preset, model_config_from_dict,
+                                to_dict, train_config_from_dict, with_overrides, PRESETS)
+
+
+class TrainingError(Exception):
+    """Training cannot go on; the message says why and what to do."""
+
+
+@dataclass
+class Predictions:
+    logits: np.ndarray  # (N, classes) float32
+    attention: list[np.ndarray]  # per block (N, K)
+
+
+class Backend(Protocol):
+    """The numerical half of a training run, implemented once per framework."""
+
+    framework: str
+    device: str
+
+    def versions(self) -> dict[str, str]: ...
+
+    def train_step(self, images: np.ndarray, labels: np.ndarray, step: int, temperature: float):
+        """One optimiser step on a uint8 NHWC batch; augments it itself (seeded by `step`).
+        Returns (mean loss, number correct), each convertible with float()."""
+
+    def predict(self, images: np.ndarray, temperature: float) -> Predictions: ...
+
+    def state_bytes(self) -> bytes: ...
+
+    def load_state_bytes(self, payload: bytes) -> None: ...
+
+
+BackendFactory = Callable[..., Backend]
+
+
+@dataclass(frozen=True)
+class RunSpec:
+    """What a run is: resuming with any of these changed is refused."""
+
+    preset: str
+    model: ModelConfig
+    train: TrainConfig
+    seed: int
+    max_train_examples: int | None
+
+    def as_dict(self) -> dict:
+        return {"preset": self.preset, "model": to_dict(self.model), "train": to_dict(self.train),
+                "seed": self.seed, "max_train_examples": self.max_train_examples}
+
+
+def build_parser(framework: str) -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=f"Train the expert-block CNN on CIFAR-10 with {framework}.")
+    parser.add_argument("--preset", default="seed", choices=sorted(PRESETS))
+    parser.add_argument("--epochs", type=int, help="default: the preset's")
+    parser.add_argument("--batch-size", type=int, help="default: the preset's")
+    parser.add_argument("--lr", type=float, help="peak learning rate; default: the preset's")
+    parser.add_argument("--optimizer", choices=("adam_l2", "adamw"), help="default: the preset's")
+    parser.add_argument("--merge", choices=MERGE_MODES, help="how the K expert convs are merged; "
+                        "default: the fastest for the framework (same numbers either way)")
+    parser.add_argument("--data", help="CIFAR-10 archive, batches directory or image folder "
+                        "(default: CIFAR10_PATH, then the data root)")
+    parser.add_argument("--data-source", choices=("tarball", "batches", "imagefolder", "tfds"))
+    parser.add_argument("--download", action="store_true", help="download the official archive if absent")
+    parser.add_argument("--out", help=f"run directory (default: runs/{framework}-<preset>)")
+    parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-train-examples", type=int, help="use only the first N training images")
+    parser.add_argument("--max-test-examples", type=int, help="evaluate on the first N test images")
+    parser.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
+    return parser
+
+
+def main(factory: BackendFactory, framework: str, argv: list[str] | None = None) -> int:
+    args = build_parser(framework).parse_args(argv)
+    try:
+        run(factory, framework, args)
+    except (TrainingError, checkpoints.CheckpointError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> dict:
+    from data import load_cifar10
+
+    preset = get_preset(args.preset)
+    spec = RunSpec(args.preset, preset.model,
+                   with_overrides(preset.train, epochs=args.epochs, batch_size=args.batch_size,
+                                  learning_rate=args.lr, optimizer=args.optimizer),
+                   args.seed, args.max_train_examples)
+    run_dir = prepare_run_dir(Path(args.out or f"runs/{framework}-{args.preset}"), args.resume, args.overwrite)
+    dataset = load_cifar10(args.data, args.data_source, download=args.download)
+    train_x, train_y = dataset.train_images[:args.max_train_examples], dataset.train_labels[:args.max_train_examples]
+    test_x, test_y = dataset.test_images[:args.max_test_examples], dataset.test_labels[:args.max_test_examples]
+    steps_per_epoch = len(train_x) // spec.train.batch_size
+    if steps_per_epoch == 0:
+        raise TrainingError(f"expected at least one batch of {spec.train.batch_size} training images, found "
+                            f"{len(train_x)}; lower --batch-size or raise --max-train-examples.")
+    backend = factory(spec.model, spec.train, steps_per_epoch=steps_per_epoch, seed=spec.seed,
+                      merge=args.merge, device=args.device)
+    history = resume_state(run_dir, spec, backend) if args.resume else []
+    context = dict(spec=spec, backend=backend, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
+                   class_names=dataset.class_names, data_source=dataset.source, merge=args.merge)
+    predictions = None
+    for epoch in range(len(history), spec.train.epochs):
+        epoch_start = time.perf_counter()
+        row = train_epoch(backend, spec, epoch, train_x, train_y, steps_per_epoch)
+        predictions = backend.predict(test_x, row["temperature"])
+        row.update(evaluate(predictions, test_y))
+        history.append(row)
+        row["epoch_seconds"] = time.perf_counter() - epoch_start
+        save_epoch(context, history)
+        print(f"epoch {epoch + 1}/{spec.train.epochs}: train loss {row['train_loss']:.4f} "
+              f"acc {row['train_accuracy']:.2f}% | test loss {row['test_loss']:.4f} acc "
+              f"{row['test_accuracy']:.2f}% | {row['images_per_second']:.0f} img/s", flush=True)
+    if predictions is None:  # resumed a finished run: evaluate its final state again
+        predictions = backend.predict(test_x, history[-1]["temperature"])
+    return finish(context, history, predictions, test_x, test_y)
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
+    if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
+        raise TrainingError(f"{run_dir} is not empty; pass --resume to continue that run or --overwrite "
+                            "to delete it and start again.")
+    if overwrite and run_dir.exists():
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def resume_state(run_dir: Path, spec: RunSpec, backend: Backend) -> list[dict]:
+    checkpoint = checkpoints.latest_checkpoint(run_dir)
+    if checkpoint is None:
+        raise TrainingError(f"--resume: found no usable checkpoint in {run_dir}; start without --resume.")
+    differences = _differences(checkpoint.header["run"], spec.as_dict())
+    if differences:
+        raise TrainingError(f"--resume: {checkpoint.path} was written by a different run; differing "
+                            f"fields (checkpoint -> now): {'; '.join(differences)}. Resume with the same "
+                            "settings, or start a new run directory.")
+    if checkpoint.header["framework"] != backend.framework:
+        raise TrainingError(f"--resume: {checkpoint.path} is a {checkpoint.header['framework']} checkpoint, "
+                            f"this is {backend.framework}; use the matching train script.")
+    backend.load_state_bytes(checkpoint.payload)
+    history = checkpoint.header["history"]
+    runfiles.write_metrics(run_dir, history)
+    print(f"resumed from {checkpoint.path} after epoch {len(history)}", flush=True)
+    return history
+
+
+def _differences(old, new, prefix="") -> list[str]:
+    if isinstance(old, dict) and isinstance(new, dict):
+        return [d for key in sorted(set(old) | set(new))
+                for d in _differences(old.get(key), new.get(key), f"{prefix}{key}.")]
+    return [] if old == new else [f"{prefix.rstrip('.')}: {old!r} -> {new!r}"]
+
+
+def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
+    """The shuffle of an epoch depends only on (seed, epoch), so a resumed run sees the same batches."""
+    return np.random.default_rng([seed, epoch]).permutation(n)
+
+
+def augment_rng(seed: int, step: int) -> np.random.Generator:
+    """The augmentation randomness of one optimiser step, independent of everything before it."""
+    return np.random.default_rng([seed, 1_000_003, step])
+
+
+def train_epoch(backend: Backend, spec: RunSpec, epoch: int, images, labels, steps_per_epoch: int) -> dict:
+    from tqdm import tqdm
+
+    batch = spec.train.batch_size
+    order = epoch_order(spec.seed, epoch, len(images))
+    temperature = schedules.temperature(epoch, spec.model, spec.train)
+    loss_sum = correct = 0.0
+    start = time.perf_counter()
+    bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{spec.train.epochs}", unit="step",
+               leave=False, mininterval=1 if sys.stderr.isatty() else 30, file=sys.stderr)
+    for i in bar:
+        step = epoch * steps_per_epoch + i
+        index = np.sort(order[i * batch:(i + 1) * batch])
+        loss, batch_correct = backend.train_step(images[index], labels[index], step, temperature)
+        loss = float(loss)
+        if not np.isfinite(loss):
+            raise TrainingError(f"the loss became {loss} at optimiser step {step} (epoch {epoch + 1}); "
+                                "stopped without saving it. The last good checkpoint is kept; lower the "
+                                "learning rate and --resume, or start again.")
+        loss_sum += loss
+        correct += float(batch_correct)
+        bar.set_postfix(loss=f"{loss_sum / (i + 1):.3f}",
+                        img_s=f"{(i + 1) * batch / (time.perf_counter() - start):.0f}", refresh=False)
+    bar.close()
+    seconds = time.perf_counter() - start
+    return {"epoch": epoch + 1, "train_loss": loss_sum / steps_per_epoch,
+            "train_accuracy": 100 * correct / (steps_per_epoch * batch),
+            "learning_rate": float(schedules.learning_rate(epoch * steps_per_epoch, spec.train, steps_per_epoch)),
+            "temperature": temperature, "train_seconds": seconds,
+            "images_per_second": steps_per_epoch * batch / seconds}
+
+
+def evaluate(predictions: Predictions, labels: np.ndarray) -> dict:
+    logits = predictions.logits.astype(np.float64)
+    log_probs = logits - logits.max(1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+    return {"test_loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
+            "test_accuracy": float(100 * (logits.argmax(1) == labels).mean()),
+            **runfiles.attention_statistics(predictions.attention)}
+
+
+def save_epoch(context: dict, history: list[dict]) -> None:
+    spec, backend, run_dir = context["spec"], context["backend"], context["run_dir"]
+    header = {"framework": backend.framework, "run": spec.as_dict(), "history": history,
+              "merge": context["merge"], "data_source": context["data_source"]}
+    checkpoints.write_checkpoint(run_dir, len(history), header, backend.state_bytes())
+    runfiles.write_metrics(run_dir, history)
+    plots.plot_curves(history, run_dir / "curves.png", f"{backend.framework} · preset {spec.preset}")
+
+
+def finish(context: dict, history: list[dict], predictions: Predictions, test_x, test_y) -> dict:
+    spec, backend, run_dir = context["spec"], context["backend"], context["run_dir"]
+    class_names = context["class_names"]
+    per_class = runfiles.attention_per_class(predictions.attention, test_y, len(class_names))
+    matrix = runfiles.confusion_matrix(test_y, predictions.logits.argmax(1), len(class_names))
+    title = f"{backend.framework} · preset {spec.preset}"
+    plots.plot_confusion_matrix(matrix, class_names, run_dir / "confusion_matrix.png", f"confusion matrix · {title}")
+    plots.plot_attention_per_class(per_class, class_names, run_dir / "attention_per_class.png",
+                                   f"mean expert attention per class · {title}")
+    runfiles.write_evaluation(run_dir, {"logits": predictions.logits, "labels": test_y,
+                                        **{f"attention_{b}": a for b, a in enumerate(predictions.attention)}})
+    best = max(history, key=lambda r: r["test_accuracy"])
+    step_seconds = sum(r["train_seconds"] for r in history)
+    summary = {
+        "framework": backend.framework, "preset": spec.preset, "device": backend.device,
+        "cpu": runfiles.cpu_name(), "epochs": len(history),
+        "test_accuracy": history[-1]["test_accuracy"], "best_test_accuracy": best["test_accuracy"],
+        "best_epoch": best["epoch"],
+        "train_wall_seconds": round(sum(r["epoch_seconds"] for r in history), 2),
+        "images_per_second": round(sum(r["train_seconds"] * r["images_per_second"] for r in history)
+                                   / step_seconds, 1),
+        "train_examples": context["steps_per_epoch"] * spec.train.batch_size,
+        "test_examples": len(test_y), "data_source": context["data_source"],
+        "command": runfiles.command_line(), "git_commit": runfiles.git_commit(),
+        "versions": backend.versions(), **spec.as_dict(),
+    }
+    runfiles.write_json(run_dir / runfiles.SUMMARY_FILE, summary)
+    print(f"done: test accuracy {summary['test_accuracy']:.2f}% after {len(history)} epochs, "
+          f"{summary['images_per_second']:.0f} img/s; run files in {run_dir}", flush=True)
+    return summary

@@ -1,0 +1,145 @@
+"""Flax training: a TrainState with batch_stats, one jitted train step, one jitted eval step.
+
+The optimiser is the PyTorch side's, transform for transform: L2-coupled Adam is
+`add_decayed_weights -> scale_by_adam -> scale_by_learning_rate(schedule)` (PyTorch's
+Adam(weight_decay=w) adds w * p to the gradient); `adamw` is Optax's decoupled AdamW. The schedule
+is expert_core.schedules.learning_rate, the very formula PyTorch's LambdaLR evaluates.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax.training import train_state
+
+from expert_core import schedules
+from expert_core.config import AugmentConfig, ModelConfig, TrainConfig
+from expert_core.training import Predictions
+from flax_expert.augment import augment_batch
+from flax_expert.model import DEFAULT_MERGE, ExpertCNN, to_model_input
+
+EVAL_BATCH = 500
+
+
+class TrainState(train_state.TrainState):
+    batch_stats: Any
+    key: jax.Array  # root of the per-step augmentation and dropout randomness
+
+
+def create_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+    def schedule(count):
+        return schedules.learning_rate(count, config, steps_per_epoch, jnp)
+
+    b1, b2 = config.adam_betas
+    if config.optimizer == "adamw":
+        return optax.adamw(schedule, b1, b2, config.adam_eps, weight_decay=config.weight_decay)
+    return optax.chain(optax.add_decayed_weights(config.weight_decay),
+                       optax.scale_by_adam(b1, b2, config.adam_eps),
+                       optax.scale_by_learning_rate(schedule))
+
+
+def create_train_state(model: ExpertCNN, config: TrainConfig, steps_per_epoch: int, key: jax.Array) -> TrainState:
+    init_key, train_key = jax.random.split(key)
+    variables = model.init(init_key, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+    return TrainState.create(apply_fn=model.apply, params=variables["params"],
+                             batch_stats=variables["batch_stats"], key=train_key,
+                             tx=create_optimizer(config, steps_per_epoch))
+
+
+def smoothed_cross_entropy(logits, labels, smoothing: float):
+    targets = optax.smooth_labels(jax.nn.one_hot(labels, logits.shape[-1]), smoothing)
+    return optax.softmax_cross_entropy(logits, targets).mean()
+
+
+def _update(state: TrainState, images, labels, temperature, dropout_key, smoothing: float):
+    def loss_fn(params):
+        logits, updates = state.apply_fn(
+            {"params": params, "batch_stats": state.batch_stats}, to_model_input(images), train=True,
+            temperature=temperature, mutable=["batch_stats"], rngs={"dropout": dropout_key})
+        return smoothed_cross_entropy(logits, labels, smoothing), (logits, updates["batch_stats"])
+
+    (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    return state, {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("smoothing",))
+def train_step(state: TrainState, images, labels, temperature, smoothing: float):
+    """One step on an already augmented uint8 batch (how parity feeds identical batches to both sides)."""
+    return _update(state, images, labels, temperature, jax.random.fold_in(state.key, state.step), smoothing)
+
+
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("augment", "smoothing"))
+def augmented_train_step(state: TrainState, images, labels, temperature, augment: AugmentConfig,
+                         smoothing: float):
+    """One step that first augments the raw uint8 batch on the device, from the state's key and step."""
+    augment_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
+    return _update(state, augment_batch(images, augment_key, augment), labels, temperature, dropout_key,
+                   smoothing)
+
+
+@functools.partial(jax.jit, static_argnames=("test_time_flip",))
+def eval_step(state: TrainState, images, temperature, test_time_flip: bool = False):
+    variables = {"params": state.params, "batch_stats": state.batch_stats}
+    x = to_model_input(images)
+    logits, attention = state.apply_fn(variables, x, train=False, temperature=temperature, return_attention=True)
+    if test_time_flip:
+        logits = (logits + state.apply_fn(variables, x[:, :, ::-1], train=False, temperature=temperature)) / 2
+    return logits, attention
+
+
+def resolve_device(device: str) -> jax.Device:
+    if device == "auto":
+        return jax.devices()[0]
+    platform = "gpu" if device.startswith("cuda") else device
+    try:
+        return jax.devices(platform)[0]
+    except RuntimeError as error:
+        raise RuntimeError(f"--device {device}: expected a JAX {platform} device, found only "
+                           f"{[d.platform for d in jax.devices()]}; use --device cpu or auto.") from error
+
+
+class FlaxBackend:
+    framework = "flax"
+
+    def __init__(self, model_config: ModelConfig, train_config: TrainConfig, *, steps_per_epoch: int,
+                 seed: int, merge: str | None = None, device: str = "auto"):
+        self.jax_device = resolve_device(device)
+        self.device = f"{self.jax_device.platform} ({self.jax_device.device_kind})"
+        self.config = train_config
+        model = ExpertCNN(model_config, merge=merge or DEFAULT_MERGE)
+        with jax.default_device(self.jax_device):
+            self.state = create_train_state(model, train_config, steps_per_epoch, jax.random.PRNGKey(seed))
+
+    def versions(self) -> dict[str, str]:
+        return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
+                "numpy": np.__version__}
+
+    def train_step(self, images, labels, step, temperature):
+        if step != int(self.state.step):
+            raise RuntimeError(f"expected optimiser step {int(self.state.step)}, the driver asked for {step}")
+        self.state, metrics = augmented_train_step(self.state, images, labels, temperature,
+                                                   self.config.augment, self.config.label_smoothing)
+        return metrics["loss"], metrics["correct"]
+
+    def predict(self, images: np.ndarray, temperature: float) -> Predictions:
+        logits, attention = [], []
+        for start in range(0, len(images), EVAL_BATCH):
+            batch = images[start:start + EVAL_BATCH]
+            padded = np.pad(batch, ((0, EVAL_BATCH - len(batch)), (0, 0), (0, 0), (0, 0)))  # one shape, one compile
+            batch_logits, batch_attention = eval_step(self.state, padded, temperature, self.config.test_time_flip)
+            logits.append(np.asarray(batch_logits)[:len(batch)])
+            attention.append([np.asarray(a)[:len(batch)] for a in batch_attention])
+        return Predictions(np.concatenate(logits), [np.concatenate(a) for a in zip(*attention)])
+
+    def state_bytes(self) -> bytes:
+        return flax.serialization.to_bytes(self.state)
+
+    def load_state_bytes(self, payload: bytes) -> None:
+        self.state = flax.serialization.from_bytes(self.state, payload)

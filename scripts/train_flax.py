@@ -1,0 +1,9 @@
+"""Train the expert-block CNN with Flax: `python scripts/train_flax.py --help`."""
+
+import sys
+
+from expert_core.training import main
+from flax_expert.train import FlaxBackend
+
+if __name__ == "__main__":
+    sys.exit(main(FlaxBackend, "flax"))
