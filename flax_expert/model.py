@@ -1,0 +1,200 @@
+"""The expert-block CNN as Flax Linen modules, the same network as ../shared/spec/ARCHITECTURE.md.
+
+NHWC throughout. Variable names are the Flax side of the canonical rule table in
+expert_core.portable: the K expert kernels of a block are one param `blocks_{i}/kernels` of shape
+(K, k, k, C, C'), shared by all three merge computations.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import linen as nn
+
+from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig
+
+# Measured on a 2-core AMD EPYC (see README, "Merge computations"): XLA:CPU convolutions are slow,
+# above all their weight gradients; patches + one batched matmul per sample wins by far.
+DEFAULT_MERGE = "aggregated"
+
+_MEAN = np.asarray(CIFAR10_MEAN, np.float32)
+_STD = np.asarray(CIFAR10_STD, np.float32)
+
+# PyTorch's initialisation, so both frameworks start from the same distributions.
+conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
+expert_kernels_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal", batch_axis=(0,))
+dense_kernel_init = nn.initializers.variance_scaling(1 / 3, "fan_in", "uniform")
+
+
+def dense_bias_init(fan_in: int):
+    bound = 1 / np.sqrt(fan_in)
+    return lambda key, shape, dtype=jnp.float32: jax.random.uniform(key, shape, dtype, -bound, bound)
+
+
+def to_model_input(images) -> jax.Array:
+    """uint8 NHWC images -> normalised float32 NHWC, as ((x / 255) - mean) / std."""
+    return (jnp.asarray(images).astype(jnp.float32) / 255 - _MEAN) / _STD
+
+
+def check_merge(merge: str) -> str:
+    if merge not in MERGE_MODES:
+        raise ValueError(f"merge must be one of {MERGE_MODES}, got {merge!r}; pick one of those.")
+    return merge
+
+
+class BatchNorm(nn.Module):
+    """BatchNorm with PyTorch's conventions, the project's one choice for both frameworks.
+
+    Train mode normalises with the biased batch variance and updates the running statistics as
+    `new = (1 - m) * old + m * batch` with PyTorch's momentum m, storing the UNBIASED variance
+    (n / (n - 1)) as torch.nn.BatchNorm2d does; Flax's own BatchNorm stores the biased one.
+    """
+
+    momentum: float
+    epsilon: float
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        channels = x.shape[-1]
+        running_mean = self.variable("batch_stats", "mean", jnp.zeros, (channels,), jnp.float32)
+        running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
+        scale = self.param("scale", nn.initializers.ones, (channels,))
+        bias = self.param("bias", nn.initializers.zeros, (channels,))
+        if train:
+            mean = x.mean(axis=(0, 1, 2))
+            var = jnp.square(x - mean).mean(axis=(0, 1, 2))
+            if not self.is_initializing():
+                n = x.size // channels
+                running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
+                running_var.value = (1 - self.momentum) * running_var.value + self.momentum * var * (n / (n - 1))
+        else:
+            mean, var = running_mean.value, running_var.value
+        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+
+
+def conv2d(x, kernel):
+    """Stride 1, symmetric zero padding k // 2 (PyTorch's, never 'SAME'), NHWC x HWIO."""
+    p = kernel.shape[0] // 2
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), ((p, p), (p, p)),
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+def extract_patches(x, k: int):
+    """(N, H, W, C) -> (N, H*W, k*k*C), ordered (dy, dx, c) like a flattened HWIO kernel.
+
+    Built from k*k shifted slices of the padded input: its gradient is slices and adds, which
+    XLA:CPU runs far faster than a convolution's weight gradient.
+    """
+    n, h, w, c = x.shape
+    p = k // 2
+    padded = jnp.pad(x, ((0, 0), (p, p), (p, p), (0, 0)))
+    shifted = [padded[:, dy:dy + h, dx:dx + w, :] for dy in range(k) for dx in range(k)]
+    return jnp.concatenate(shifted, axis=-1).reshape(n, h * w, k * k * c)
+
+
+def merge_branches(x, kernels, attention):
+    return sum(attention[:, k, None, None, None] * conv2d(x, kernels[k]) for k in range(kernels.shape[0]))
+
+
+def merge_stacked(x, kernels, attention):
+    experts, k, _, c_in, c_out = kernels.shape
+    stacked = jnp.moveaxis(kernels, 0, 3).reshape(k, k, c_in, experts * c_out)
+    y = conv2d(x, stacked).reshape(*x.shape[:3], experts, c_out)
+    return jnp.einsum("nk,nhwko->nhwo", attention, y)
+
+
+def merge_aggregated(x, kernels, attention):
+    # One kernel per sample, W_n = sum_k a_nk W_k: a batched matmul over patches, 1x the conv FLOPs.
+    experts, k, _, c_in, c_out = kernels.shape
+    n, h, w, _ = x.shape
+    per_sample = (attention @ kernels.reshape(experts, -1)).reshape(n, k * k * c_in, c_out)
+    y = jnp.einsum("npq,nqo->npo", extract_patches(x, k), per_sample)
+    return y.reshape(n, h, w, c_out)
+
+
+MERGES = {"branches": merge_branches, "stacked": merge_stacked, "aggregated": merge_aggregated}
+
+
+class Stem(nn.Module):
+    """Conv k x k (no bias, symmetric padding) -> BatchNorm -> ReLU."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        k, p = self.config.kernel_size, self.config.kernel_size // 2
+        conv = nn.Conv(self.config.stem_channels, (k, k), padding=((p, p), (p, p)), use_bias=False,
+                       kernel_init=conv_init, name="conv")
+        bn = BatchNorm(self.config.bn_momentum, self.config.bn_eps, name="bn")
+        return nn.relu(bn(conv(x), train))
+
+
+def _dense(features: int, fan_in: int, name: str) -> nn.Dense:
+    return nn.Dense(features, kernel_init=dense_kernel_init, bias_init=dense_bias_init(fan_in), name=name)
+
+
+class ExpertBranch(nn.Module):
+    """GAP -> FC(C -> max(C // r, 4)) -> ReLU -> FC(-> K) -> softmax(z / T)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, temperature):
+        c = x.shape[-1]
+        hidden = self.config.expert_hidden(c)
+        h = nn.relu(_dense(hidden, c, "fc1")(x.mean(axis=(1, 2))))
+        z = _dense(self.config.num_experts, hidden, "fc2")(h)
+        return jax.nn.softmax(z / temperature, axis=-1)
+
+
+class ExpertBlock(nn.Module):
+    config: ModelConfig
+    block: BlockConfig
+    merge: str
+
+    @nn.compact
+    def __call__(self, x, train: bool, temperature):
+        k = self.config.kernel_size
+        attention = ExpertBranch(self.config, name="expert")(x, temperature)
+        kernels = self.param("kernels", expert_kernels_init,
+                             (self.config.num_experts, k, k, x.shape[-1], self.block.out_channels))
+        y = MERGES[self.merge](x, kernels, attention)
+        y = BatchNorm(self.config.bn_momentum, self.config.bn_eps, name="bn")(y, train)
+        if self.block.residual:
+            y = y + x
+        y = nn.relu(y)
+        if self.block.pool:
+            y = nn.max_pool(y, (2, 2), strides=(2, 2), padding="VALID")
+        return y, attention
+
+
+class Classifier(nn.Module):
+    """GAP -> [Dense -> ReLU -> Dropout] -> Dense(num_classes)."""
+
+    config: ModelConfig
+
+    @nn.compact
+    def __call__(self, x, train: bool):
+        x = x.mean(axis=(1, 2))
+        if self.config.classifier_hidden:
+            x = nn.relu(_dense(self.config.classifier_hidden, x.shape[-1], "hidden")(x))
+            x = nn.Dropout(self.config.dropout, deterministic=not train)(x)
+        return _dense(self.config.num_classes, x.shape[-1], "out")(x)
+
+
+class ExpertCNN(nn.Module):
+    config: ModelConfig
+    merge: str = DEFAULT_MERGE
+
+    @nn.compact
+    def __call__(self, x, train: bool, temperature=None, return_attention: bool = False):
+        temperature = self.config.temperature if temperature is None else temperature
+        check_merge(self.merge)
+        x = Stem(self.config, name="stem")(x, train)
+        attention = []
+        for i, block in enumerate(self.config.blocks):
+            x, a = ExpertBlock(self.config, block, self.merge, name=f"blocks_{i}")(x, train, temperature)
+            attention.append(a)
+        logits = Classifier(self.config, name="classifier")(x, train)
+        return (logits, attention) if return_attention else logits

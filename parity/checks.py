@@ -1,0 +1,209 @@
+"""The numerical parity checks: same weights, same images, same numbers, within stated tolerances.
+
+Each check returns `Check` rows. Train-mode checks run with dropout off, since the two frameworks
+cannot share a dropout mask; everything else is the model exactly as configured. Float32 on the CPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from dataclasses import dataclass
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import torch
+
+from data.augment import augment_batch
+from expert_core.config import ModelConfig, TrainConfig
+from expert_core.portable import flax_to_canonical
+from flax_expert import model as flax_model
+from flax_expert import train as flax_train
+from parity.convert import port_flax_to_torch, port_torch_to_flax, torch_to_canonical
+from torch_reference import model as torch_model
+from torch_reference import train as torch_train
+
+LOGITS_TOLERANCE = 1e-5
+ATTENTION_TOLERANCE = 1e-6
+GRADIENT_TOLERANCE = 1e-5  # per tensor: max |diff| / max |value|
+TRAJECTORY_TOLERANCE = 1e-4
+
+
+@dataclass(frozen=True)
+class Check:
+    quantity: str
+    max_abs_diff: float
+    tolerance: float
+    note: str = ""
+
+    @property
+    def passed(self) -> bool:
+        return bool(self.max_abs_diff <= self.tolerance)
+
+    def as_dict(self) -> dict:
+        return {**dataclasses.asdict(self), "passed": self.passed}
+
+
+def _max_diff(a, b) -> float:
+    return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
+
+
+@dataclass
+class Pair:
+    """The same network in both frameworks, holding the same weights."""
+
+    config: ModelConfig
+    torch_net: torch.nn.Module
+    flax_net: flax_model.ExpertCNN
+    variables: dict
+
+    @classmethod
+    def from_torch(cls, config: ModelConfig, state_dict=None, seed: int = 0) -> "Pair":
+        torch.manual_seed(seed)
+        torch_net = torch_model.ExpertCNN(config)
+        if state_dict is not None:
+            torch_net.load_state_dict(state_dict)
+        variables = jax.tree.map(jnp.asarray, port_torch_to_flax(torch_net.state_dict(), config))
+        return cls(config, torch_net, flax_model.ExpertCNN(config), variables)
+
+    def torch_forward(self, images, train: bool, temperature: float):
+        self.torch_net.train(train)
+        return self.torch_net(torch_model.to_model_input(images), temperature=temperature, return_attention=True)
+
+    def flax_forward(self, images, train: bool, temperature: float):
+        return self.flax_net.apply(self.variables, flax_model.to_model_input(jnp.asarray(images)), train=train,
+                                   temperature=temperature, return_attention=True,
+                                   mutable=["batch_stats"] if train else False)
+
+
+def eval_checks(pair: Pair, images: np.ndarray, temperature: float) -> list[Check]:
+    with torch.no_grad():
+        t_logits, t_attention = pair.torch_forward(images, False, temperature)
+    f_logits, f_attention = pair.flax_forward(images, False, temperature)
+    rows = [Check("eval logits", _max_diff(t_logits, f_logits), LOGITS_TOLERANCE)]
+    rows += [Check(f"eval attention, block {b}", _max_diff(t, f), ATTENTION_TOLERANCE)
+             for b, (t, f) in enumerate(zip(t_attention, f_attention))]
+    mismatched = int((t_logits.argmax(1).numpy() != np.asarray(f_logits).argmax(1)).sum())
+    rows.append(Check("eval argmax predictions differing", mismatched, 0, f"of {len(images)} images"))
+    return rows
+
+
+@contextlib.contextmanager
+def _state_kept(net: torch.nn.Module):
+    """A train-mode forward updates PyTorch's running statistics in place; put them back after."""
+    saved = {k: v.clone() for k, v in net.state_dict().items()}
+    try:
+        yield
+    finally:
+        net.load_state_dict(saved)
+
+
+def train_mode_checks(pair: Pair, images: np.ndarray, temperature: float) -> list[Check]:
+    """Batch-statistics forward; afterwards the updated running statistics must agree too."""
+    with _state_kept(pair.torch_net), torch.no_grad():
+        t_logits, _ = pair.torch_forward(images, True, temperature)
+        t_stats = torch_to_canonical(pair.torch_net.state_dict(), pair.config)
+    (f_logits, _), updates = pair.flax_forward(images, True, temperature)
+    f_stats = flax_to_canonical({"params": pair.variables["params"], **updates}, pair.config)
+    running = max(_max_diff(t_stats[k], f_stats[k]) for k in t_stats if "running" in k)
+    return [Check("train-mode logits (batch statistics)", _max_diff(t_logits, f_logits), LOGITS_TOLERANCE),
+            Check("running mean/var after one train-mode batch", running, LOGITS_TOLERANCE,
+                  "PyTorch convention: unbiased running variance")]
+
+
+def gradient_checks(pair: Pair, images, labels, temperature: float, smoothing: float) -> list[Check]:
+    with _state_kept(pair.torch_net):
+        pair.torch_net.zero_grad()
+        t_logits, _ = pair.torch_forward(images, True, temperature)
+        torch_train.smoothed_cross_entropy(t_logits, torch.as_tensor(labels), smoothing).backward()
+        t_grads = {k: p.grad.numpy().copy() for k, p in pair.torch_net.named_parameters()}
+        pair.torch_net.zero_grad(set_to_none=True)
+
+    def loss_fn(params):
+        logits, _ = pair.flax_net.apply({**pair.variables, "params": params},
+                                        flax_model.to_model_input(jnp.asarray(images)), train=True,
+                                        temperature=temperature, mutable=["batch_stats"])
+        return flax_train.smoothed_cross_entropy(logits, jnp.asarray(labels), smoothing)
+
+    f_grads = flax_to_canonical({"params": jax.grad(loss_fn)(pair.variables["params"]),
+                                 "batch_stats": pair.variables["batch_stats"]}, pair.config)
+    worst_name, worst = max(((k, _max_diff(t, f_grads[k]) / max(float(np.abs(t).max()), 1e-30))
+                             for k, t in t_grads.items()), key=lambda item: item[1])
+    return [Check("gradients, max |diff| / max |grad| over tensors", worst, GRADIENT_TOLERANCE,
+                  f"worst: {worst_name}; {len(t_grads)} tensors")]
+
+
+def trajectory_checks(pair: Pair, train_config: TrainConfig, batches, steps_per_epoch: int,
+                      eval_images, temperature: float) -> list[Check]:
+    """Both frameworks take the same optimiser steps on byte-identical augmented batches."""
+    torch_backend = torch_train.TorchBackend(pair.config, train_config, steps_per_epoch=steps_per_epoch,
+                                             seed=0, device="cpu")
+    torch_backend.model.load_state_dict(pair.torch_net.state_dict())
+    tx = flax_train.create_optimizer(train_config, steps_per_epoch)
+    state = flax_train.TrainState.create(apply_fn=pair.flax_net.apply, params=pair.variables["params"],
+                                         batch_stats=pair.variables["batch_stats"], tx=tx,
+                                         key=jax.random.PRNGKey(0))
+    for images, labels in batches:
+        torch_backend.step_on_batch(images, labels, temperature)
+        state, _ = flax_train.train_step(state, images, labels, temperature, train_config.label_smoothing)
+    t_after = torch_to_canonical(torch_backend.model.state_dict(), pair.config)
+    f_after = flax_to_canonical({"params": state.params, "batch_stats": state.batch_stats}, pair.config)
+    trained = Pair(pair.config, torch_backend.model, pair.flax_net,
+                   {"params": state.params, "batch_stats": state.batch_stats})
+    with torch.no_grad():
+        t_logits, _ = trained.torch_forward(eval_images, False, temperature)
+    f_logits, _ = trained.flax_forward(eval_images, False, temperature)
+    n = len(batches)
+    is_param = {k for k, _ in torch_backend.model.named_parameters()}
+    return [
+        Check(f"parameters after {n} steps", max(_max_diff(t_after[k], f_after[k]) for k in is_param),
+              TRAJECTORY_TOLERANCE),
+        Check(f"running mean/var after {n} steps",
+              max(_max_diff(t_after[k], f_after[k]) for k in t_after if "running" in k), TRAJECTORY_TOLERANCE),
+        Check(f"eval logits after {n} steps", _max_diff(t_logits, f_logits), TRAJECTORY_TOLERANCE),
+    ]
+
+
+def round_trip_checks(pair: Pair) -> list[Check]:
+    """PyTorch -> Flax -> PyTorch and Flax -> PyTorch -> Flax must be bit-exact."""
+    state = pair.torch_net.state_dict()
+    back = port_flax_to_torch(port_torch_to_flax(state, pair.config), pair.config)
+    torch_trip = max(_max_diff(state[k], back[k]) for k in state if not k.endswith("num_batches_tracked"))
+    flax_back = port_torch_to_flax(port_flax_to_torch(pair.variables, pair.config), pair.config)
+    flax_trip = max(_max_diff(a, b) for a, b in zip(jax.tree.leaves(pair.variables), jax.tree.leaves(flax_back)))
+    return [Check("round trip PyTorch -> Flax -> PyTorch", torch_trip, 0.0),
+            Check("round trip Flax -> PyTorch -> Flax", flax_trip, 0.0)]
+
+
+def parity_batches(images, labels, train_config: TrainConfig, steps: int, batch_size: int, seed: int = 0):
+    """`steps` augmented uint8 batches, drawn once in numpy so both frameworks get the same bytes."""
+    rng = np.random.default_rng(seed)
+    batches = []
+    for _ in range(steps):
+        index = rng.choice(len(images), batch_size, replace=False)
+        batches.append((augment_batch(images[index], rng, train_config.augment), labels[index]))
+    return batches
+
+
+def run_all(config: ModelConfig, train_config: TrainConfig, images, labels, state_dict=None, *,
+            steps: int = 20, batch_size: int = 32, seed: int = 0) -> list[Check]:
+    """Every check on one config: round trips, eval, train mode, gradients, a short trajectory.
+
+    The trajectory uses a StepLR whose step size is `steps // 3` optimiser steps, so the learning rate
+    decays twice inside the run.
+    """
+    temperature = config.temperature
+    pair = Pair.from_torch(config, state_dict, seed)
+    rows = round_trip_checks(pair) + eval_checks(pair, images, temperature)
+    # Dropout has no weights, so the same state dict serves the dropout-free twin.
+    no_dropout = Pair.from_torch(dataclasses.replace(config, dropout=0.0), pair.torch_net.state_dict())
+    rows += train_mode_checks(no_dropout, images[:256], temperature)
+    rows += gradient_checks(no_dropout, images[:batch_size], labels[:batch_size], temperature,
+                            train_config.label_smoothing)
+    steps_per_epoch = max(steps // 3, 1)
+    decaying = dataclasses.replace(train_config, step_size_epochs=1, epochs=max(train_config.epochs, 3))
+    batches = parity_batches(images, labels, train_config, steps, batch_size, seed)
+    rows += trajectory_checks(no_dropout, decaying, batches, steps_per_epoch, images[:256], temperature)
+    return rows
+

@@ -1,0 +1,59 @@
+"""Weight porting between the frameworks, through the canonical tensors of expert_core.portable.
+
+`port_torch_to_flax` / `port_flax_to_torch` apply the one rule table (OIHW <-> HWIO, linear
+transpose, BatchNorm -> params + batch_stats); every mismatch is collected into one PortingError.
+`load_any_checkpoint` reads a training checkpoint of either framework or a portable file.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from expert_core import checkpoints
+from expert_core.config import ModelConfig, model_config_from_dict
+from expert_core.portable import (PortingError, canonical_to_flax, check_canonical, flax_to_canonical,
+                                  load_portable)
+
+
+def torch_to_canonical(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, np.ndarray]:
+    tensors = {key: value.detach().cpu().numpy().copy() for key, value in state_dict.items()}  # no aliasing
+    check_canonical(tensors, config, "PyTorch -> canonical")
+    return tensors
+
+
+def canonical_to_torch(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict[str, torch.Tensor]:
+    check_canonical(tensors, config, "canonical -> PyTorch")
+    return {key: torch.from_numpy(np.array(value)) for key, value in tensors.items()}
+
+
+def port_torch_to_flax(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict:
+    return canonical_to_flax(torch_to_canonical(state_dict, config), config)
+
+
+def port_flax_to_torch(variables, config: ModelConfig) -> dict[str, torch.Tensor]:
+    return canonical_to_torch(flax_to_canonical(variables, config), config)
+
+
+def load_any_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], ModelConfig, str]:
+    """Canonical tensors, model config and origin ("torch", "flax" or "portable") of a checkpoint file."""
+    path = Path(path)
+    if path.suffix == ".safetensors":
+        tensors, config, _ = load_portable(path)
+        return tensors, config, "portable"
+    checkpoint = checkpoints.read_checkpoint(path)
+    config = model_config_from_dict(checkpoint.header["run"]["model"])
+    framework = checkpoint.header["framework"]
+    if framework == "torch":
+        state = torch.load(io.BytesIO(checkpoint.payload), map_location="cpu", weights_only=True)
+        return torch_to_canonical(state["model"], config), config, framework
+    if framework == "flax":
+        from flax.serialization import msgpack_restore
+
+        state = msgpack_restore(checkpoint.payload)
+        variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
+        return flax_to_canonical(variables, config), config, framework
+    raise PortingError(f"load {path}", unexpected=[f"framework {framework!r}, expected 'torch' or 'flax'"])

@@ -1,0 +1,66 @@
+"""Prove that the Flax model and the PyTorch model compute the same thing.
+
+    python scripts/check_parity.py                          # random init, seed preset
+    python scripts/check_parity.py --checkpoint runs/torch-seed/checkpoint-00003.ckpt
+    python scripts/check_parity.py --json parity.json       # also write the table as JSON
+
+Prints one row per check (quantity, max abs diff, tolerance, pass/fail); exits 1 if any fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+
+from data import load_cifar10
+from expert_core.config import PRESETS, get_preset
+from parity.checks import run_all
+from parity.convert import canonical_to_torch, load_any_checkpoint
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="model config at random init")
+    parser.add_argument("--checkpoint", help="a .ckpt from either train script, or a portable .safetensors")
+    parser.add_argument("--images", type=int, default=1000, help="real CIFAR-10 test images to compare on")
+    parser.add_argument("--steps", type=int, default=20, help="optimiser steps in the trajectory check")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size of the trajectory and gradients")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--data", help="CIFAR-10 location (default: CIFAR10_PATH)")
+    parser.add_argument("--json", help="write the results here as JSON")
+    args = parser.parse_args(argv)
+
+    seed_recipe = get_preset("seed").train
+    if args.checkpoint:
+        tensors, config, origin = load_any_checkpoint(args.checkpoint)
+        state_dict, source = canonical_to_torch(tensors, config), f"{origin} checkpoint {args.checkpoint}"
+    else:
+        config, state_dict, source = get_preset(args.preset).model, None, f"random init, preset {args.preset}"
+    dataset = load_cifar10(args.data)
+    images, labels = dataset.test_images[:args.images], dataset.test_labels[:args.images]
+    print(f"parity on {len(images)} CIFAR-10 test images; weights: {source}", flush=True)
+    start = time.perf_counter()
+    rows = run_all(config, seed_recipe, images, labels, state_dict, steps=args.steps,
+                   batch_size=args.batch_size, seed=args.seed)
+    print_table(rows)
+    failed = [row for row in rows if not row.passed]
+    print(f"{len(rows) - len(failed)} passed, {len(failed)} failed ({time.perf_counter() - start:.0f} s)")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"weights": source, "images": len(images), "checks": [r.as_dict() for r in rows]}, f, indent=2)
+    return 1 if failed else 0
+
+
+def print_table(rows) -> None:
+    width = max(len(row.quantity) for row in rows)
+    print(f"{'quantity':<{width}}  {'max abs diff':>12}  {'tolerance':>9}  result  note")
+    for row in rows:
+        print(f"{row.quantity:<{width}}  {row.max_abs_diff:>12.3e}  {row.tolerance:>9.0e}  "
+              f"{'pass' if row.passed else 'FAIL':<6}  {row.note}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

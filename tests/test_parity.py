@@ -1,0 +1,147 @@
+"""Cross-framework parity: porting both ways, the portable file, and the numerical checks."""
+
+import dataclasses
+
+import jax
+import numpy as np
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from expert_core.config import BlockConfig, ModelConfig, get_preset
+from expert_core.portable import PortingError, canonical_shapes, load_portable, save_portable
+from flax_expert.model import ExpertCNN as FlaxExpertCNN
+from parity.checks import Pair, run_all
+from parity.convert import (canonical_to_torch, port_flax_to_torch, port_torch_to_flax, torch_to_canonical)
+from torch_reference.model import ExpertCNN as TorchExpertCNN
+
+SMALL = ModelConfig(stem_channels=8, blocks=(BlockConfig(12), BlockConfig(12, pool=False, residual=True)),
+                    num_experts=3, reduction=2, temperature=2.0, classifier_hidden=16, dropout=0.3)
+SEED_RECIPE = get_preset("seed").train
+
+
+def flax_variables(config, seed=0):
+    variables = FlaxExpertCNN(config).init(jax.random.PRNGKey(seed), np.zeros((1, 32, 32, 3), np.float32),
+                                           train=False)
+    return jax.tree.map(np.asarray, dict(variables))
+
+
+def test_canonical_names_are_the_torch_state_dict():
+    state = TorchExpertCNN(SMALL).state_dict()
+    assert {k: tuple(v.shape) for k, v in state.items()} == canonical_shapes(SMALL)
+
+
+def test_round_trips_are_bit_exact():
+    state = TorchExpertCNN(SMALL).state_dict()
+    back = port_flax_to_torch(port_torch_to_flax(state, SMALL), SMALL)
+    for key, value in state.items():
+        if not key.endswith("num_batches_tracked"):  # unused with a set momentum; Flax has no counter
+            assert torch.equal(back[key], value), key
+    variables = flax_variables(SMALL)
+    again = port_torch_to_flax(port_flax_to_torch(variables, SMALL), SMALL)
+    assert jax.tree.structure(again) == jax.tree.structure(variables)
+    for a, b in zip(jax.tree.leaves(variables), jax.tree.leaves(again)):
+        assert a.dtype == b.dtype and np.array_equal(a, b)
+
+
+def test_every_mismatch_is_reported_together():
+    state = TorchExpertCNN(SMALL).state_dict()
+    del state["blocks.0.kernels"]
+    state["blocks.1.expert.fc2.bias"] = torch.zeros(7)
+    state["extra.weight"] = torch.zeros(1)
+    with pytest.raises(PortingError) as error:
+        port_torch_to_flax(state, SMALL)
+    message = str(error.value)
+    assert "missing: blocks.0.kernels" in message
+    assert "unexpected: extra.weight" in message
+    assert "wrong shape: blocks.1.expert.fc2.bias: expected (3,), found (7,)" in message
+
+    variables = flax_variables(SMALL)
+    del variables["batch_stats"]["stem"]["bn"]["var"]
+    variables["params"]["blocks_0"]["kernels"] = np.zeros((3, 3, 3, 8))
+    variables["params"]["surplus"] = {"kernel": np.zeros(2)}
+    with pytest.raises(PortingError) as error:
+        port_flax_to_torch(variables, SMALL)
+    message = str(error.value)
+    assert "missing: batch_stats/stem/bn/var" in message and "unexpected: params/surplus/kernel" in message
+    assert "wrong shape: params/blocks_0/kernels: expected (3, 3, 3, 8, 12), found (3, 3, 3, 8)" in message
+
+
+def test_portable_file_is_written_and_read_by_both_sides(tmp_path):
+    torch_net = TorchExpertCNN(SMALL)
+    save_portable(tmp_path / "w.safetensors", torch_to_canonical(torch_net.state_dict(), SMALL), SMALL,
+                  {"written_by": "torch"})
+    tensors, config, extra = load_portable(tmp_path / "w.safetensors")
+    assert config == SMALL and extra == {"written_by": "torch"}
+    from expert_core.portable import canonical_to_flax, flax_to_canonical
+
+    variables = canonical_to_flax(tensors, config)
+    save_portable(tmp_path / "f.safetensors", flax_to_canonical(variables, config), config)
+    again, _, _ = load_portable(tmp_path / "f.safetensors")
+    reloaded = TorchExpertCNN(config)
+    reloaded.load_state_dict(canonical_to_torch(again, config))
+    for key, value in torch_net.state_dict().items():
+        if not key.endswith("num_batches_tracked"):
+            assert torch.equal(reloaded.state_dict()[key], value), key
+
+
+def test_portable_file_with_another_config_is_refused(tmp_path):
+    path = tmp_path / "w.safetensors"
+    save_portable(path, torch_to_canonical(TorchExpertCNN(SMALL).state_dict(), SMALL), SMALL)
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(PortingError, match="junk.safetensors"):
+        load_portable(tmp_path / "junk.safetensors")
+    tensors, _, _ = load_portable(path)
+    with pytest.raises(PortingError, match="wrong shape"):
+        canonical_to_torch(tensors, dataclasses.replace(SMALL, num_experts=2))
+
+
+def assert_all_pass(rows):
+    failed = [f"{r.quantity}: {r.max_abs_diff:.3e} > {r.tolerance:.0e}" for r in rows if not r.passed]
+    assert not failed, "\n".join(failed)
+
+
+def test_all_checks_on_real_images(cifar10):
+    images, labels = cifar10.test_images[:256], cifar10.test_labels[:256]
+    assert_all_pass(run_all(SMALL, SEED_RECIPE, images, labels, steps=20, batch_size=16))
+
+
+configs = st.builds(
+    lambda blocks, stem, k, r, kernel, hidden, temperature: ModelConfig(
+        stem_channels=stem, blocks=tuple(blocks(stem)), num_experts=k, reduction=r, kernel_size=kernel,
+        classifier_hidden=hidden, temperature=temperature),
+    st.integers(1, 3).flatmap(lambda n: st.lists(st.tuples(st.sampled_from([4, 8]), st.booleans(), st.booleans()),
+                                                 min_size=n, max_size=n)).map(
+        lambda specs: lambda stem: _blocks(stem, specs)),
+    st.sampled_from([4, 8]), st.integers(1, 5), st.integers(1, 4), st.sampled_from([1, 3, 5]),
+    st.sampled_from([0, 8]), st.sampled_from([0.5, 1.0, 4.0]))
+
+
+def _blocks(stem, specs):
+    """Blocks from (width, pool, residual) draws; a residual keeps the width and skips the pool."""
+    blocks, channels = [], stem
+    for width, pool, residual in specs:
+        if residual:
+            blocks.append(BlockConfig(channels, pool=False, residual=True))
+        else:
+            blocks.append(BlockConfig(width, pool=pool))
+            channels = width
+    return blocks
+
+
+@settings(max_examples=12, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.too_slow])
+@given(config=configs)
+def test_parity_holds_for_drawn_configs(config, cifar10_small):
+    images, labels = cifar10_small
+    pair = Pair.from_torch(config, seed=1)
+    from parity.checks import eval_checks, gradient_checks, train_mode_checks
+
+    rows = eval_checks(pair, images, config.temperature) + train_mode_checks(pair, images, config.temperature)
+    rows += gradient_checks(pair, images[:16], labels[:16], config.temperature, SEED_RECIPE.label_smoothing)
+    assert_all_pass(rows)
+
+
+@pytest.fixture(scope="module")
+def cifar10_small(cifar10):
+    return cifar10.test_images[:64], cifar10.test_labels[:64]

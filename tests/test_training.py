@@ -1,0 +1,95 @@
+"""The shared training driver with each framework's backend, on short real runs of the tiny preset."""
+
+import json
+
+import numpy as np
+import pytest
+
+from expert_core import checkpoints, runfiles
+from expert_core.config import get_preset
+from expert_core.training import TrainingError, build_parser, main, run
+
+SHORT = ["--preset", "tiny", "--max-train-examples", "256", "--max-test-examples", "200", "--batch-size", "32"]
+FRAMEWORKS = ["torch", "flax"]
+
+
+def backend_factory(framework):
+    if framework == "torch":
+        from torch_reference.train import TorchBackend
+        return TorchBackend
+    from flax_expert.train import FlaxBackend
+    return FlaxBackend
+
+
+def train(framework, out, *extra):
+    args = build_parser(framework).parse_args([*SHORT, "--out", str(out), *extra])
+    return run(backend_factory(framework), framework, args)
+
+
+@pytest.fixture(autouse=True)
+def _needs_data(cifar10):
+    """Every test here trains on the real data set (CIFAR10_PATH)."""
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_run_writes_every_run_file(framework, tmp_path):
+    summary = train(framework, tmp_path, "--epochs", "2")
+    for name in ("metrics.jsonl", "summary.json", "evaluation.npz", "curves.png", "confusion_matrix.png",
+                 "attention_per_class.png", "checkpoint-00001.ckpt", "checkpoint-00002.ckpt"):
+        assert (tmp_path / name).stat().st_size > 0, name
+    on_disk = json.loads((tmp_path / "summary.json").read_text())
+    assert on_disk == summary
+    for key in ("framework", "preset", "device", "epochs", "test_accuracy", "train_wall_seconds",
+                "images_per_second", "command", "git_commit"):
+        assert key in summary, key
+    assert summary["framework"] == framework and summary["epochs"] == 2 and summary["test_examples"] == 200
+    history = runfiles.read_metrics(tmp_path)
+    assert [row["epoch"] for row in history] == [1, 2]
+    assert len(history[0]["expert_usage"]) == len(get_preset("tiny").model.blocks)
+    assert np.allclose([sum(u) for u in history[0]["expert_usage"]], 1.0, atol=1e-5)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_resume_gives_the_same_run_as_no_interruption(framework, tmp_path):
+    straight = train(framework, tmp_path / "straight", "--epochs", "2")
+    train(framework, tmp_path / "resumed", "--epochs", "2")
+    (tmp_path / "resumed" / "checkpoint-00002.ckpt").unlink()  # as if killed during epoch 2
+    resumed = train(framework, tmp_path / "resumed", "--epochs", "2", "--resume")
+    keys = ("train_loss", "train_accuracy", "test_loss", "test_accuracy", "learning_rate")
+    straight_rows = runfiles.read_metrics(tmp_path / "straight")
+    resumed_rows = runfiles.read_metrics(tmp_path / "resumed")
+    assert [[r[k] for k in keys] for r in resumed_rows] == [[r[k] for k in keys] for r in straight_rows]
+    assert resumed["test_accuracy"] == straight["test_accuracy"]
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_same_seed_same_losses_and_other_seed_differs(framework, tmp_path):
+    first = train(framework, tmp_path / "a", "--epochs", "1")
+    second = train(framework, tmp_path / "b", "--epochs", "1")
+    train(framework, tmp_path / "c", "--epochs", "1", "--seed", "1")
+    rows = [runfiles.read_metrics(tmp_path / name)[0]["train_loss"] for name in "abc"]
+    assert rows[0] == rows[1] and rows[0] != rows[2]
+    assert first["test_accuracy"] == second["test_accuracy"]
+
+
+def test_refuses_non_empty_directory_and_mismatched_resume(tmp_path):
+    train("torch", tmp_path, "--epochs", "1")
+    with pytest.raises(TrainingError, match="--resume .* or --overwrite"):
+        train("torch", tmp_path, "--epochs", "1")
+    with pytest.raises(TrainingError, match=r"train\.batch_size: 32 -> 16.*train\.learning_rate"):
+        train("torch", tmp_path, "--epochs", "1", "--resume", "--batch-size", "16", "--lr", "0.5")
+    assert train("torch", tmp_path, "--epochs", "1", "--overwrite")["epochs"] == 1
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_non_finite_loss_stops_at_once_naming_the_step(framework, tmp_path):
+    with pytest.raises(TrainingError, match=r"at optimiser step \d+ \(epoch 1\)"):
+        train(framework, tmp_path, "--epochs", "2", "--lr", "1e30")
+    assert checkpoints.list_checkpoints(tmp_path) == []  # a diverged epoch is never saved
+
+
+def test_main_exits_non_zero_with_a_message(tmp_path, capsys):
+    from torch_reference.train import TorchBackend
+
+    assert main(TorchBackend, "torch", [*SHORT, "--out", str(tmp_path), "--epochs", "1", "--lr", "1e30"]) == 1
+    assert "the loss became" in capsys.readouterr().err

@@ -1,0 +1,1 @@
+"""The canonical expert-block CNN in PyTorch and its training backend."""
