@@ -154,6 +154,11 @@ def save_portable(path, tensors: dict[str, np.ndarray], config: ModelConfig, ext
     save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
 
 
+def _scalar_fix(key: str, value: np.ndarray) -> np.ndarray:
+    # safetensors' numpy reader hands a saved 0-d counter back with shape (1,).
+    return value.reshape(()) if key.endswith(UNUSED_IN_FLAX) and value.shape == (1,) else value
+
+
 def load_portable(path) -> tuple[dict[str, np.ndarray], ModelConfig, dict]:
     """Read a portable file: (canonical tensors, model config, extra metadata)."""
     from safetensors import SafetensorError, safe_open
@@ -161,7 +166,7 @@ def load_portable(path) -> tuple[dict[str, np.ndarray], ModelConfig, dict]:
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
-            tensors = {key: f.get_tensor(key) for key in f.keys()}
+            tensors = {key: _scalar_fix(key, f.get_tensor(key)) for key in f.keys()}
     except (SafetensorError, OSError) as error:
         raise PortingError(f"load portable {path}", unexpected=[f"unreadable file: {error}"]) from error
     if metadata.get("format") != FORMAT:

@@ -85,8 +85,8 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     parser.add_argument("--out", help=f"run directory (default: runs/{framework}-<preset>)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--max-train-examples", type=int, help="use only the first N training images")
-    parser.add_argument("--max-test-examples", type=int, help="evaluate on the first N test images")
+    parser.add_argument("--max-train-examples", type=int, help="train on a fixed random N of the training images")
+    parser.add_argument("--max-test-examples", type=int, help="evaluate on a fixed random N of the test images")
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     return parser
@@ -112,8 +112,8 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
                    args.seed, args.max_train_examples)
     run_dir = prepare_run_dir(Path(args.out or f"runs/{framework}-{args.preset}"), args.resume, args.overwrite)
     dataset = load_cifar10(args.data, args.data_source, download=args.download)
-    train_x, train_y = dataset.train_images[:args.max_train_examples], dataset.train_labels[:args.max_train_examples]
-    test_x, test_y = dataset.test_images[:args.max_test_examples], dataset.test_labels[:args.max_test_examples]
+    train_x, train_y = subset(dataset.train_images, dataset.train_labels, args.max_train_examples)
+    test_x, test_y = subset(dataset.test_images, dataset.test_labels, args.max_test_examples)
     steps_per_epoch = len(train_x) // spec.train.batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"expected at least one batch of {spec.train.batch_size} training images, found "
@@ -138,6 +138,14 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
     if predictions is None:  # resumed a finished run: evaluate its final state again
         predictions = backend.predict(test_x, history[-1]["temperature"])
     return finish(context, history, predictions, test_x, test_y)
+
+
+def subset(images, labels, limit: int | None):
+    """A fixed random `limit` of the images (all when None): sources may be sorted by class."""
+    if limit is None or limit >= len(images):
+        return images, labels
+    index = np.sort(np.random.default_rng(20261124).permutation(len(images))[:limit])
+    return images[index], labels[index]
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:

@@ -15,7 +15,7 @@ def draw_augment_params(key: jax.Array, n: int, config: AugmentConfig) -> Augmen
     """The same distributions as data.augment.draw_augment_params, from a JAX key."""
     flip, crop, jitter, angle = jax.random.split(key, 4)
     strengths = jnp.array([config.brightness, config.contrast, config.saturation], jnp.float32)
-    factors = 1 + strengths * jax.random.uniform(jitter, (3, n), jnp.float32, -1.0, 1.0)
+    factors = 1 + strengths[:, None] * jax.random.uniform(jitter, (3, n), jnp.float32, -1.0, 1.0)
     max_angle = math.radians(config.rotation_degrees)
     return AugmentParams(
         flip=jax.random.bernoulli(flip, 0.5, (n,)) if config.flip else jnp.zeros(n, bool),

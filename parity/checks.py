@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
+import warnings
 from dataclasses import dataclass
 
 import jax
@@ -45,6 +47,35 @@ class Check:
         return {**dataclasses.asdict(self), "passed": self.passed}
 
 
+@contextlib.contextmanager
+def exact_float32():
+    """Full float32 on both sides while a check runs.
+
+    PyTorch: TF32 off on a GPU, and on the CPU oneDNN (mkldnn) convolutions off. oneDNN's float32
+    convolution gradients accumulate less exactly than ATen's own kernels: on a 1x1-conv test net
+    its weight gradient was 8e-5 (relative) away from float64 where ATen's was 2e-6 and XLA's 5e-7,
+    which would hide real disagreements below that level. JAX: "highest" matmul precision.
+    """
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(warnings.catch_warnings())
+        warnings.filterwarnings("ignore", "TF32 acceleration on top of oneDNN")  # says Intel GPUs only
+        stack.enter_context(torch.backends.mkldnn.flags(enabled=False))
+        stack.enter_context(torch.backends.cudnn.flags(enabled=True, allow_tf32=False))
+        stack.enter_context(jax.default_matmul_precision("highest"))
+        matmul_tf32 = torch.backends.cuda.matmul.allow_tf32
+        torch.backends.cuda.matmul.allow_tf32 = False
+        stack.callback(setattr, torch.backends.cuda.matmul, "allow_tf32", matmul_tf32)
+        yield
+
+
+def _exact(check):
+    @functools.wraps(check)
+    def wrapped(*args, **kwargs):
+        with exact_float32():
+            return check(*args, **kwargs)
+    return wrapped
+
+
 def _max_diff(a, b) -> float:
     return float(np.max(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)), initial=0.0))
 
@@ -77,6 +108,7 @@ class Pair:
                                    mutable=["batch_stats"] if train else False)
 
 
+@_exact
 def eval_checks(pair: Pair, images: np.ndarray, temperature: float) -> list[Check]:
     with torch.no_grad():
         t_logits, t_attention = pair.torch_forward(images, False, temperature)
@@ -99,6 +131,7 @@ def _state_kept(net: torch.nn.Module):
         net.load_state_dict(saved)
 
 
+@_exact
 def train_mode_checks(pair: Pair, images: np.ndarray, temperature: float) -> list[Check]:
     """Batch-statistics forward; afterwards the updated running statistics must agree too."""
     with _state_kept(pair.torch_net), torch.no_grad():
@@ -112,6 +145,7 @@ def train_mode_checks(pair: Pair, images: np.ndarray, temperature: float) -> lis
                   "PyTorch convention: unbiased running variance")]
 
 
+@_exact
 def gradient_checks(pair: Pair, images, labels, temperature: float, smoothing: float) -> list[Check]:
     with _state_kept(pair.torch_net):
         pair.torch_net.zero_grad()
@@ -134,6 +168,7 @@ def gradient_checks(pair: Pair, images, labels, temperature: float, smoothing: f
                   f"worst: {worst_name}; {len(t_grads)} tensors")]
 
 
+@_exact
 def trajectory_checks(pair: Pair, train_config: TrainConfig, batches, steps_per_epoch: int,
                       eval_images, temperature: float) -> list[Check]:
     """Both frameworks take the same optimiser steps on byte-identical augmented batches."""

@@ -2,7 +2,7 @@
 
 State-dict names are the project's canonical weight names (expert_core.portable): the K expert
 kernels of a block live in one parameter `blocks.{i}.kernels` of shape (K, C', C, k, k), so the
-three merge computations share the very same weights.
+three merge computations share the very same weights and switching `merge` never touches them.
 """
 
 from __future__ import annotations
@@ -14,8 +14,10 @@ from torch import nn
 
 from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig
 
-# Measured on a 2-core AMD EPYC (see README, "Merge computations"): the per-sample aggregated kernel
-# as one grouped conv does 1x the conv FLOPs and wins for training.
+# Train-step images/s, batch 128, 2 threads, 2-core AMD EPYC (AVX2), measured twice each:
+#   seed preset (64/128/256): branches 63/63, stacked 54/56, aggregated 112/105
+#   blocks 32/64/128:         branches 171/169, stacked 151/150, aggregated 284/264
+# The aggregated kernel does 1x instead of Kx the conv FLOPs, which wins at every width tried.
 DEFAULT_MERGE = "aggregated"
 
 _MEAN = torch.tensor(CIFAR10_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
@@ -23,18 +25,48 @@ _STD = torch.tensor(CIFAR10_STD, dtype=torch.float32).view(1, 3, 1, 1)
 
 
 def to_model_input(images) -> torch.Tensor:
-    """uint8 NHWC images -> normalised float32 NCHW, as ((x / 255) - mean) / std."""
-    x = torch.as_tensor(np.asarray(images)).permute(0, 3, 1, 2).float()
-    return (x / 255 - _MEAN) / _STD
+    """uint8 NHWC images (numpy or tensor) -> float32 NCHW, as ((x.float() / 255) - mean) / std."""
+    # torch.tensor copies: batches may come from read-only memory maps, which torch cannot wrap.
+    x = images if isinstance(images, torch.Tensor) else torch.tensor(np.asarray(images))
+    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
+        raise ValueError(f"expected uint8 images of shape (N, H, W, 3), found {x.dtype} of shape "
+                         f"{tuple(x.shape)}; pass the raw uint8 NHWC batch, not a normalised or NCHW one.")
+    x = x.permute(0, 3, 1, 2).contiguous()  # contiguous NCHW, not a channels-last view
+    return ((x.float() / 255) - _MEAN.to(x.device)) / _STD.to(x.device)
 
 
 def check_merge(merge: str) -> str:
     if merge not in MERGE_MODES:
-        raise ValueError(f"merge must be one of {MERGE_MODES}, got {merge!r}; pick one of those.")
+        raise ValueError(f"merge must be one of {MERGE_MODES}, found {merge!r}; pick one of those.")
     return merge
 
 
+def merge_branches(x, kernels, attention, padding):
+    return sum(attention[:, k, None, None, None] * F.conv2d(x, kernels[k], padding=padding)
+               for k in range(kernels.shape[0]))
+
+
+def merge_stacked(x, kernels, attention, padding):
+    experts, out_channels = kernels.shape[:2]
+    y = F.conv2d(x, kernels.flatten(0, 1), padding=padding)
+    y = y.view(x.shape[0], experts, out_channels, *y.shape[2:])
+    return torch.einsum("nk,nkchw->nchw", attention, y)
+
+
+def merge_aggregated(x, kernels, attention, padding):
+    # Samples become groups of one grouped conv, so each sample meets its own kernel in one call.
+    n, c = x.shape[:2]
+    per_sample = torch.einsum("nk,koihw->noihw", attention, kernels)
+    y = F.conv2d(x.reshape(1, n * c, *x.shape[2:]), per_sample.flatten(0, 1), padding=padding, groups=n)
+    return y.view(n, kernels.shape[1], *y.shape[2:])
+
+
+MERGES = {"branches": merge_branches, "stacked": merge_stacked, "aggregated": merge_aggregated}
+
+
 class Stem(nn.Module):
+    """Conv k x k (no bias) -> BatchNorm -> ReLU."""
+
     def __init__(self, config: ModelConfig):
         super().__init__()
         k = config.kernel_size
@@ -60,40 +92,19 @@ class ExpertBranch(nn.Module):
         return F.softmax(z / temperature, dim=1)
 
 
-def merge_branches(x, kernels, attention, padding):
-    return sum(attention[:, k, None, None, None] * F.conv2d(x, kernels[k], padding=padding)
-               for k in range(kernels.shape[0]))
-
-
-def merge_stacked(x, kernels, attention, padding):
-    experts, out_channels = kernels.shape[:2]
-    y = F.conv2d(x, kernels.flatten(0, 1), padding=padding)
-    y = y.view(x.shape[0], experts, out_channels, *y.shape[2:])
-    return torch.einsum("nk,nkchw->nchw", attention, y)
-
-
-def merge_aggregated(x, kernels, attention, padding):
-    # One kernel per sample, W_n = sum_k a_nk W_k, applied as a grouped conv with one group per sample.
-    n, c = x.shape[:2]
-    per_sample = torch.einsum("nk,koihw->noihw", attention, kernels)
-    y = F.conv2d(x.reshape(1, n * c, *x.shape[2:]), per_sample.flatten(0, 1), padding=padding, groups=n)
-    return y.view(n, kernels.shape[1], *y.shape[2:])
-
-
-MERGES = {"branches": merge_branches, "stacked": merge_stacked, "aggregated": merge_aggregated}
-
-
 class ExpertBlock(nn.Module):
-    def __init__(self, in_channels: int, block: BlockConfig, config: ModelConfig, merge: str):
+    """Attention-weighted K expert convs -> BatchNorm -> [+ X] -> ReLU -> [max-pool]; returns (Y, a)."""
+
+    def __init__(self, in_channels: int, block: BlockConfig, config: ModelConfig, merge: str = DEFAULT_MERGE):
         super().__init__()
         k = config.kernel_size
         self.block = block
-        self.merge = merge
+        self.merge = check_merge(merge)
         self.padding = k // 2
         self.expert = ExpertBranch(in_channels, config)
         self.kernels = nn.Parameter(torch.empty(config.num_experts, block.out_channels, in_channels, k, k))
         self.bn = nn.BatchNorm2d(block.out_channels, eps=config.bn_eps, momentum=config.bn_momentum)
-        for kernel in self.kernels.data:  # each expert initialised like a conv of its own
+        for kernel in self.kernels.data:  # fan_out of one expert, as if each were a conv of its own
             nn.init.kaiming_normal_(kernel, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x, temperature: float):
@@ -112,35 +123,44 @@ class Classifier(nn.Module):
 
     def __init__(self, in_features: int, config: ModelConfig):
         super().__init__()
-        features = in_features
+        self.hidden = None
         if config.classifier_hidden:
             self.hidden = nn.Linear(in_features, config.classifier_hidden)
             self.dropout = nn.Dropout(config.dropout)
-            features = config.classifier_hidden
-        self.out = nn.Linear(features, config.num_classes)
+            in_features = config.classifier_hidden
+        self.out = nn.Linear(in_features, config.num_classes)
 
     def forward(self, x):
         x = x.mean(dim=(2, 3))
-        if hasattr(self, "hidden"):
+        if self.hidden is not None:
             x = self.dropout(F.relu(self.hidden(x)))
         return self.out(x)
 
 
 class ExpertCNN(nn.Module):
+    """Stem -> expert blocks -> classifier. `merge` may be reassigned at any time; weights stay put."""
+
     def __init__(self, config: ModelConfig, merge: str = DEFAULT_MERGE):
         super().__init__()
         self.config = config
         self.stem = Stem(config)
         self.blocks = nn.ModuleList(
-            ExpertBlock(c_in, block, config, check_merge(merge))
+            ExpertBlock(c_in, block, config, merge)
             for c_in, block in zip(config.block_in_channels(), config.blocks))
         self.classifier = Classifier(config.blocks[-1].out_channels, config)
 
-    def set_merge(self, merge: str) -> None:
+    @property
+    def merge(self) -> str:
+        return self.blocks[0].merge
+
+    @merge.setter
+    def merge(self, merge: str) -> None:
+        check_merge(merge)
         for block in self.blocks:
-            block.merge = check_merge(merge)
+            block.merge = merge
 
     def forward(self, x, temperature: float | None = None, return_attention: bool = False):
+        """Logits (N, classes), plus the per-block attention (N, K) list when return_attention."""
         temperature = self.config.temperature if temperature is None else temperature
         x = self.stem(x)
         attention = []

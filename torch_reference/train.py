@@ -35,7 +35,7 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, steps_per_epoch:
     optimizer = kind(model.parameters(), lr=config.learning_rate, betas=config.adam_betas,
                      eps=config.adam_eps, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: schedules.learning_rate(step, config, steps_per_epoch) / config.learning_rate)
+        optimizer, lambda step: float(schedules.learning_rate(step, config, steps_per_epoch)) / config.learning_rate)
     return optimizer, scheduler
 
 
