@@ -36,7 +36,7 @@ class ModelConfig:
     """The expert-block CNN of ../shared/spec/ARCHITECTURE.md."""
 
     stem_channels: int = 32
-    blocks: tuple[BlockConfig, ...] = (BlockConfig(64), BlockConfig(128), BlockConfig(256))
+    blocks: tuple[BlockConfig, ...] = (BlockConfig(32), BlockConfig(64), BlockConfig(128))
     kernel_size: int = 3
     num_experts: int = 4
     reduction: int = 4
@@ -131,7 +131,7 @@ PRESETS: dict[str, Preset] = {
         "seed",
         ModelConfig(),
         TrainConfig(),
-        "The seed's network and recipe: stem 32, three K=4 expert blocks 64/128/256 with pooling, "
+        "The seed's network and recipe: stem 32, three K=4 expert blocks 32/64/128 with pooling, "
         "Adam lr 1e-3 + L2 5e-4, StepLR(30 epochs, 0.5), label smoothing 0.1, "
         "flip / pad-4 crop / colour jitter 0.2 / rotation 15 deg, batch 128, 240 epochs.",
     ),
