@@ -1,0 +1,73 @@
+"""Evaluate any checkpoint with either framework: train with one, test with the other.
+
+    python scripts/evaluate.py --checkpoint results/torch-seed-1epoch/checkpoint-00001.ckpt --framework flax
+    python scripts/evaluate.py --checkpoint weights.safetensors --framework both
+
+Loads a training checkpoint of either framework or a portable .safetensors file, ports the
+weights, and prints test accuracy and the number of correct images for each framework asked for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from data import load_cifar10
+from expert_core.config import TrainConfig
+from expert_core.portable import canonical_to_flax
+from flax_expert.train import FlaxBackend
+from parity.convert import canonical_to_torch, load_any_checkpoint
+from torch_reference.train import TorchBackend
+
+
+def predict_torch(tensors, config, images) -> np.ndarray:
+    backend = TorchBackend(config, TrainConfig(), steps_per_epoch=1, seed=0, device="cpu")
+    backend.model.load_state_dict(canonical_to_torch(tensors, config))
+    return backend.predict(images, config.temperature).logits
+
+
+def predict_flax(tensors, config, images) -> np.ndarray:
+    backend = FlaxBackend(config, TrainConfig(), steps_per_epoch=1, seed=0, device="cpu")
+    variables = canonical_to_flax(tensors, config)
+    backend.state = backend.state.replace(params=jax.tree.map(jnp.asarray, variables["params"]),
+                                          batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
+    return backend.predict(images, config.temperature).logits
+
+
+PREDICTORS = {"torch": predict_torch, "flax": predict_flax}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--framework", choices=("torch", "flax", "both"), default="both")
+    parser.add_argument("--data", help="CIFAR-10 location (default: CIFAR10_PATH)")
+    parser.add_argument("--json", help="write the results here as JSON")
+    args = parser.parse_args(argv)
+
+    tensors, config, origin = load_any_checkpoint(args.checkpoint)
+    dataset = load_cifar10(args.data)
+    frameworks = ("torch", "flax") if args.framework == "both" else (args.framework,)
+    results, predictions = {"checkpoint": args.checkpoint, "written_by": origin}, {}
+    for framework in frameworks:
+        predictions[framework] = PREDICTORS[framework](tensors, config, dataset.test_images).argmax(1)
+        correct = int((predictions[framework] == dataset.test_labels).sum())
+        results[framework] = {"correct": correct, "test_accuracy": 100 * correct / len(dataset.test_labels)}
+        print(f"{origin} checkpoint evaluated by {framework}: {correct} / {len(dataset.test_labels)} correct "
+              f"= {results[framework]['test_accuracy']:.2f} %")
+    if len(predictions) == 2:
+        results["predictions_differing"] = int((predictions["torch"] != predictions["flax"]).sum())
+        print(f"images whose predicted class differs between the frameworks: {results['predictions_differing']}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(results, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
