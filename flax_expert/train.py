@@ -47,9 +47,11 @@ def create_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.Gradien
 def create_train_state(model: ExpertCNN, config: TrainConfig, steps_per_epoch: int, key: jax.Array) -> TrainState:
     init_key, train_key = jax.random.split(key)
     variables = model.init(init_key, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
-    return TrainState.create(apply_fn=model.apply, params=variables["params"],
-                             batch_stats=variables["batch_stats"], key=train_key,
-                             tx=create_optimizer(config, steps_per_epoch))
+    state = TrainState.create(apply_fn=model.apply, params=variables["params"],
+                              batch_stats=variables["batch_stats"], key=train_key,
+                              tx=create_optimizer(config, steps_per_epoch))
+    # A Python 0 is weakly typed, the int32 step jit hands back is not: without this the second step recompiles.
+    return state.replace(step=jnp.zeros((), jnp.int32))
 
 
 def smoothed_cross_entropy(logits, labels, smoothing: float):

@@ -1,0 +1,80 @@
+"""The jitted Flax training pieces: one compile per shape, external batches, optimiser transforms."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from expert_core.config import BlockConfig, ModelConfig, TrainConfig
+from flax_expert import train as flax_train
+from flax_expert.augment import augment_batch
+
+CONFIG = ModelConfig(stem_channels=6, blocks=(BlockConfig(6), BlockConfig(10)), num_experts=2)
+RECIPE = TrainConfig(batch_size=16, epochs=2, step_size_epochs=1)
+
+
+def batch(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), rng.integers(0, 10, n)
+
+
+def test_no_recompilation_across_steps_temperatures_and_a_partial_eval_batch():
+    backend = flax_train.FlaxBackend(CONFIG, RECIPE, steps_per_epoch=4, seed=0)
+    train_before = flax_train.augmented_train_step._cache_size()
+    eval_before = flax_train.eval_step._cache_size()
+    for step, temperature in enumerate([5.0, 3.0, 1.0, 1.0, 1.0]):
+        float(backend.train_step(*batch(16, step), step, temperature)[0])
+    predictions = backend.predict(batch(flax_train.EVAL_BATCH + 37)[0], 1.0)
+    assert predictions.logits.shape == (flax_train.EVAL_BATCH + 37, 10)
+    assert flax_train.augmented_train_step._cache_size() - train_before == 1
+    assert flax_train.eval_step._cache_size() - eval_before == 1
+
+
+def test_external_numpy_batches_train_and_match_the_augmenting_step_without_augmentation():
+    """The parity entry point: an already augmented batch, as numpy, gives the same step."""
+    quiet = dataclasses.replace(RECIPE, augment=dataclasses.replace(
+        RECIPE.augment, flip=False, crop_padding=0, brightness=0, contrast=0, saturation=0, rotation_degrees=0))
+    model = flax_train.ExpertCNN(CONFIG)
+    images, labels = batch(16)
+    first = flax_train.create_train_state(model, quiet, 4, jax.random.PRNGKey(0))
+    second = flax_train.create_train_state(model, quiet, 4, jax.random.PRNGKey(0))
+    first, a = flax_train.train_step(first, images, labels, 1.0, quiet.label_smoothing)
+    second, b = flax_train.augmented_train_step(second, images, labels, 1.0, quiet.augment, quiet.label_smoothing)
+    assert float(a["loss"]) == float(b["loss"])
+    for x, y in zip(jax.tree.leaves(first.params), jax.tree.leaves(second.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-9)  # two compiled graphs, fused differently
+
+
+def test_adam_l2_is_weight_decay_added_to_the_gradient_before_adam():
+    params = {"w": jnp.array([1.0, -2.0, 3.0])}
+    grads = {"w": jnp.array([0.1, 0.2, -0.3])}
+    recipe = TrainConfig(weight_decay=0.1, learning_rate=0.01)
+    ours = flax_train.create_optimizer(recipe, steps_per_epoch=10)
+    reference = optax.adam(0.01)  # Adam on the L2-augmented gradient g + w * p
+    l2_grads = jax.tree.map(lambda g, p: g + 0.1 * p, grads, params)
+    ours_update, _ = ours.update(grads, ours.init(params), params)
+    ref_update, _ = reference.update(l2_grads, reference.init(params), params)
+    np.testing.assert_allclose(ours_update["w"], ref_update["w"], rtol=1e-6)
+    adamw = flax_train.create_optimizer(dataclasses.replace(recipe, optimizer="adamw"), steps_per_epoch=10)
+    decoupled, _ = adamw.update(grads, adamw.init(params), params)
+    assert not np.allclose(decoupled["w"], ours_update["w"])
+
+
+def test_on_device_augmentation_is_deterministic_per_key_and_keeps_dtype():
+    images, _ = batch(8)
+    key = jax.random.PRNGKey(3)
+    a = jax.jit(augment_batch, static_argnums=2)(images, key, RECIPE.augment)
+    b = jax.jit(augment_batch, static_argnums=2)(images, key, RECIPE.augment)
+    c = jax.jit(augment_batch, static_argnums=2)(images, jax.random.PRNGKey(4), RECIPE.augment)
+    assert a.dtype == jnp.uint8 and a.shape == images.shape
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_device_flag_rejects_a_missing_gpu():
+    if any(d.platform == "gpu" for d in jax.devices()):
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="--device cuda"):
+        flax_train.resolve_device("cuda")
