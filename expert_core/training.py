@@ -17,9 +17,12 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from expert_core import checkpoints, plots, runfiles, schedules
+from expert_core import checkpoints, plots, portable, runfiles, schedules
 from expert_core.config import (MERGE_MODES, ModelConfig, TrainConfig, get_preset, model_config_from_dict,
                                 to_dict, train_config_from_dict, with_overrides, PRESETS)
+
+
+PORTABLE_WEIGHTS = "weights.safetensors"
 
 
 class TrainingError(Exception):
@@ -49,6 +52,9 @@ class Backend(Protocol):
     def state_bytes(self) -> bytes: ...
 
     def load_state_bytes(self, payload: bytes) -> None: ...
+
+    def canonical_weights(self) -> dict[str, np.ndarray]:
+        """The model's weights under the canonical names and layouts (expert_core.portable)."""
 
 
 BackendFactory = Callable[..., Backend]
@@ -253,6 +259,8 @@ def finish(context: dict, history: list[dict], predictions: Predictions, test_x,
     plots.plot_confusion_matrix(matrix, class_names, run_dir / "confusion_matrix.png", f"confusion matrix · {title}")
     plots.plot_attention_per_class(per_class, class_names, run_dir / "attention_per_class.png",
                                    f"mean expert attention per class · {title}")
+    portable.save_portable(run_dir / PORTABLE_WEIGHTS, backend.canonical_weights(), spec.model,
+                           {"framework": backend.framework, "preset": spec.preset, "epochs": len(history)})
     runfiles.write_evaluation(run_dir, {"logits": predictions.logits, "labels": test_y,
                                         **{f"attention_{b}": a for b, a in enumerate(predictions.attention)}})
     best = max(history, key=lambda r: r["test_accuracy"])

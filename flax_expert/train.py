@@ -18,7 +18,7 @@ import numpy as np
 import optax
 from flax.training import train_state
 
-from expert_core import schedules
+from expert_core import portable, schedules
 from expert_core.config import AugmentConfig, ModelConfig, TrainConfig
 from expert_core.training import Predictions
 from flax_expert.augment import augment_batch
@@ -115,6 +115,7 @@ class FlaxBackend:
         self.jax_device = resolve_device(device)
         self.device = f"{self.jax_device.platform} ({self.jax_device.device_kind})"
         self.config = train_config
+        self.model_config = model_config
         model = ExpertCNN(model_config, merge=merge or DEFAULT_MERGE)
         with jax.default_device(self.jax_device):
             self.state = create_train_state(model, train_config, steps_per_epoch, jax.random.PRNGKey(seed))
@@ -142,6 +143,10 @@ class FlaxBackend:
 
     def state_bytes(self) -> bytes:
         return flax.serialization.to_bytes(self.state)
+
+    def canonical_weights(self) -> dict[str, np.ndarray]:
+        variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
+        return portable.flax_to_canonical(variables, self.model_config)
 
     def load_state_bytes(self, payload: bytes) -> None:
         self.state = flax.serialization.from_bytes(self.state, payload)

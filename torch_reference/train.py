@@ -96,6 +96,9 @@ class TorchBackend:
                     "scheduler": self.scheduler.state_dict()}, buffer)
         return buffer.getvalue()
 
+    def canonical_weights(self) -> dict[str, np.ndarray]:
+        return {key: value.detach().cpu().numpy() for key, value in self.model.state_dict().items()}
+
     def load_state_bytes(self, payload: bytes) -> None:
         state = torch.load(io.BytesIO(payload), map_location=self.torch_device, weights_only=True)
         self.model.load_state_dict(state["model"])
