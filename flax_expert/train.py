@@ -113,7 +113,8 @@ class FlaxBackend:
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, *, steps_per_epoch: int,
                  seed: int, merge: str | None = None, device: str = "auto"):
         self.jax_device = resolve_device(device)
-        self.device = f"{self.jax_device.platform} ({self.jax_device.device_kind})"
+        self.device = "cpu" if self.jax_device.platform == "cpu" else \
+            f"{self.jax_device.platform} ({self.jax_device.device_kind})"
         self.config = train_config
         self.model_config = model_config
         model = ExpertCNN(model_config, merge=merge or DEFAULT_MERGE)
