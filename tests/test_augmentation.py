@@ -1,0 +1,98 @@
+"""The seed's augmentations in numpy (data.augment), and the same pixel maths under jax.numpy."""
+
+import dataclasses
+import math
+
+import numpy as np
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from data.augment import AugmentParams, apply_augmentation, augment_batch, draw_augment_params
+from expert_core.config import AugmentConfig
+
+OFF = AugmentConfig(flip=False, crop_padding=0, brightness=0, contrast=0, saturation=0, rotation_degrees=0)
+
+
+def images(n=16, seed=0, size=32):
+    return np.random.default_rng(seed).integers(1, 256, (n, size, size, 3), dtype=np.uint8)
+
+
+def params(n, **changes):
+    base = dict(flip=np.zeros(n, bool), crop_offset=np.zeros((n, 2), np.int32), brightness=np.ones(n, np.float32),
+                contrast=np.ones(n, np.float32), saturation=np.ones(n, np.float32), angle=np.zeros(n, np.float32))
+    return AugmentParams(**{**base, **changes})
+
+
+def test_shape_dtype_and_determinism():
+    x = images()
+    a = augment_batch(x, np.random.default_rng(1), AugmentConfig())
+    b = augment_batch(x, np.random.default_rng(1), AugmentConfig())
+    c = augment_batch(x, np.random.default_rng(2), AugmentConfig())
+    assert a.shape == x.shape and a.dtype == np.uint8
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_everything_off_is_the_identity():
+    x = images()
+    assert np.array_equal(augment_batch(x, np.random.default_rng(0), OFF), x)
+
+
+def test_flip_is_an_exact_mirror_and_both_outcomes_occur():
+    x = images(32)
+    out = augment_batch(x, np.random.default_rng(0), dataclasses.replace(OFF, flip=True))
+    mirrored = [np.array_equal(o, i[:, ::-1]) for o, i in zip(out, x)]
+    kept = [np.array_equal(o, i) for o, i in zip(out, x)]
+    assert all(m or k for m, k in zip(mirrored, kept)) and any(mirrored) and any(kept)
+
+
+def test_crop_is_an_exact_shift_with_zeros_entering():
+    x = images(32)
+    out = augment_batch(x, np.random.default_rng(0), dataclasses.replace(OFF, crop_padding=4))
+    shifts = set()
+    for o, i in zip(out, x):
+        padded = np.pad(i, ((4, 4), (4, 4), (0, 0)))
+        matches = [(dy, dx) for dy in range(9) for dx in range(9)
+                   if np.array_equal(o, padded[dy:dy + 32, dx:dx + 32])]
+        assert matches, "every output is a window of the zero-padded input"
+        shifts.add(matches[0])
+    assert len(shifts) > 5
+
+
+def test_rotation_by_a_quarter_turn_is_rot90_clockwise():
+    x = images(2)
+    out = apply_augmentation(x, params(2, angle=np.full(2, math.pi / 2, np.float32)), 0, np)
+    # out[y, x] = in[-x, y] about the centre: with rows drawn downwards a positive angle turns the
+    # picture clockwise, np.rot90 with k=-1. (Angles are drawn symmetrically, so either sense serves.)
+    np.testing.assert_array_equal(out, np.rot90(x, k=-1, axes=(1, 2)))
+
+
+def test_colour_jitter_moves_values_as_named():
+    x = images(4)
+    brighter = apply_augmentation(x, params(4, brightness=np.full(4, 1.2, np.float32)), 0, np)
+    grey = apply_augmentation(x, params(4, saturation=np.zeros(4, np.float32)), 0, np)
+    flat = apply_augmentation(x, params(4, contrast=np.zeros(4, np.float32)), 0, np)
+    assert brighter.astype(int).sum() > x.astype(int).sum()
+    assert np.abs(grey.astype(int) - grey[..., :1]).max() <= 1  # all channels equal: grey
+    assert all(len(np.unique(f)) == 1 for f in flat)  # one mean grey level per image
+
+
+def test_jax_runs_the_same_pixel_maths():
+    jnp = pytest.importorskip("jax.numpy")
+    x = images(16)
+    p = draw_augment_params(np.random.default_rng(3), 16, AugmentConfig())
+    expected = apply_augmentation(x, p, 4, np)
+    got = np.asarray(apply_augmentation(jnp.asarray(x), AugmentParams(*map(jnp.asarray, p)), 4, jnp))
+    differs = got.astype(int) - expected.astype(int)
+    assert np.abs(differs).max() <= 1 and (differs != 0).mean() < 1e-3  # float rounding at .5 only
+
+
+@settings(max_examples=25, deadline=None, derandomize=True)
+@given(n=st.integers(1, 5), size=st.sampled_from([8, 16, 32]), seed=st.integers(0, 2**32 - 1),
+       rotation=st.floats(0, 180), padding=st.integers(0, 6), jitter=st.floats(0, 0.9))
+def test_any_batch_keeps_shape_dtype_and_range(n, size, seed, rotation, padding, jitter):
+    config = AugmentConfig(crop_padding=padding, brightness=jitter, contrast=jitter, saturation=jitter,
+                           rotation_degrees=rotation)
+    x = images(n, seed % 1000, size)
+    out = augment_batch(x, np.random.default_rng(seed), config)
+    assert out.shape == x.shape and out.dtype == np.uint8
