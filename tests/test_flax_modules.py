@@ -1,0 +1,150 @@
+"""The Flax model: shapes, canonical variable names, attention, the three merges, BatchNorm, training."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from expert_core.config import MERGE_MODES, BlockConfig, ModelConfig
+from expert_core.portable import canonical_shapes, flax_to_canonical
+from flax_expert.model import BatchNorm, ExpertCNN, to_model_input
+
+MIXED = ModelConfig(stem_channels=6, blocks=(BlockConfig(6, pool=False, residual=True), BlockConfig(10)),
+                    num_experts=3, reduction=2, classifier_hidden=12, temperature=1.5)
+CONFIGS = {
+    "1-block-K1-k1": ModelConfig(stem_channels=4, blocks=(BlockConfig(8),), num_experts=1, kernel_size=1),
+    "2-blocks-residual-k5": ModelConfig(stem_channels=4, blocks=(BlockConfig(4, pool=False, residual=True),
+                                                                 BlockConfig(8)), num_experts=2, kernel_size=5),
+    "3-blocks-hidden": ModelConfig(stem_channels=4, blocks=(BlockConfig(6), BlockConfig(6, pool=False),
+                                                            BlockConfig(8)), num_experts=4, classifier_hidden=16,
+                                   dropout=0.2, num_classes=7),
+    "mixed": MIXED,
+}
+
+
+def inputs(n=6, size=16, seed=1):
+    return jax.random.normal(jax.random.PRNGKey(seed), (n, size, size, 3))
+
+
+def init(config, merge="aggregated"):
+    return ExpertCNN(config, merge).init(jax.random.PRNGKey(0), inputs(1), train=False)
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_shapes_and_canonical_variable_names(name):
+    config = CONFIGS[name]
+    variables = init(config)
+    logits, attention = ExpertCNN(config).apply(variables, inputs(5), train=False, return_attention=True)
+    assert logits.shape == (5, config.num_classes)
+    assert [a.shape for a in attention] == [(5, config.num_experts)] * len(config.blocks)
+    canonical = flax_to_canonical(variables, config)  # raises on any missing, extra or misshapen variable
+    assert {k: v.shape for k, v in canonical.items()} == canonical_shapes(config)
+    assert set(variables) == {"params", "batch_stats"}
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_attention_rows_are_distributions(train):
+    variables = init(MIXED)
+    (_, attention), _ = ExpertCNN(MIXED).apply(variables, inputs(), train=train, return_attention=True,
+                                               mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(2)})
+    for a in attention:
+        assert (a >= 0).all()
+        np.testing.assert_allclose(a.sum(1), 1.0, atol=1e-6)
+
+
+def loss_and_updates(merge, variables, train):
+    def loss(params):
+        out, updates = ExpertCNN(MIXED, merge).apply(
+            {**variables, "params": params}, inputs(), train=train, return_attention=True,
+            mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(5)})
+        logits, attention = out
+        return jnp.sum(logits ** 2) + sum(jnp.sum(a * jnp.arange(a.shape[1])) for a in attention), \
+            (logits, attention, updates)
+
+    (_, aux), grads = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    return aux, grads
+
+
+@pytest.mark.parametrize("train", [True, False])
+def test_the_three_merges_agree_with_gradients(train):
+    variables = init(MIXED)
+    reference, reference_grads = loss_and_updates("branches", variables, train)
+    for merge in MERGE_MODES[1:]:
+        (logits, attention, updates), grads = loss_and_updates(merge, variables, train)
+        np.testing.assert_allclose(logits, reference[0], atol=1e-5)
+        for a, b in zip(attention, reference[1]):
+            np.testing.assert_allclose(a, b, atol=1e-6)
+        for a, b in zip(jax.tree.leaves(updates), jax.tree.leaves(reference[2])):
+            np.testing.assert_allclose(a, b, atol=1e-5)
+        for path, g in jax.tree_util.tree_leaves_with_path(grads):
+            ref = _get(reference_grads, path)
+            assert float(jnp.abs(g - ref).max() / jnp.abs(ref).max()) <= 1e-5, (merge, path)
+
+
+def _get(tree, path):
+    for key in path:
+        tree = tree[key.key]
+    return tree
+
+
+def test_unknown_merge_is_refused():
+    with pytest.raises(ValueError, match="merge must be one of"):
+        init(MIXED, merge="fused")
+
+
+def test_batchnorm_running_variance_is_the_unbiased_one():
+    x = np.random.default_rng(0).normal(2.0, 3.0, (4, 5, 5, 3)).astype(np.float32)
+    bn = BatchNorm(momentum=0.1, epsilon=1e-5)
+    variables = bn.init(jax.random.PRNGKey(0), x, train=False)
+    y, updates = bn.apply(variables, x, train=True, mutable=["batch_stats"])
+    n = 4 * 5 * 5
+    flat = x.reshape(n, 3).astype(np.float64)
+    np.testing.assert_allclose(updates["batch_stats"]["mean"], 0.1 * flat.mean(0), rtol=1e-5)
+    np.testing.assert_allclose(updates["batch_stats"]["var"], 0.9 + 0.1 * flat.var(0, ddof=1), rtol=1e-5)
+    normalised = (flat - flat.mean(0)) / np.sqrt(flat.var(0) + 1e-5)  # biased variance in the forward pass
+    np.testing.assert_allclose(np.asarray(y).reshape(n, 3), normalised, atol=1e-4)
+
+
+def test_a_few_adam_steps_reduce_the_loss_on_a_fixed_batch():
+    model = ExpertCNN(MIXED)
+    variables = init(MIXED)
+    x, labels = inputs(8, 16, seed=3), jnp.arange(8) % 10
+    tx = optax.adam(1e-2)
+
+    def loss_fn(params, batch_stats):
+        logits, updates = model.apply({"params": params, "batch_stats": batch_stats}, x, train=True,
+                                      mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates["batch_stats"]
+
+    params, batch_stats, opt_state = variables["params"], variables["batch_stats"], tx.init(variables["params"])
+    losses = []
+    for _ in range(40):
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        params = optax.apply_updates(params, updates)
+        losses.append(float(loss))
+    assert losses[-1] < 0.5 * losses[0]
+
+
+def test_temperature_flattens_attention_and_one_is_the_plain_softmax():
+    variables = init(MIXED)
+
+    def attention(temperature):
+        return ExpertCNN(MIXED).apply(variables, inputs(), train=False, temperature=temperature,
+                                      return_attention=True)[1][0]
+
+    def entropy(a):
+        return float(-(a * jnp.log(a)).sum(1).mean())
+
+    assert entropy(attention(8.0)) > entropy(attention(1.0)) > entropy(attention(0.25))
+    z = jnp.log(attention(1.0))
+    np.testing.assert_allclose(attention(2.0), jax.nn.softmax(z / 2.0), atol=1e-6)
+
+
+def test_model_input_is_normalised_uint8():
+    x = np.full((1, 2, 2, 3), 255, np.uint8)
+    from expert_core.config import CIFAR10_MEAN, CIFAR10_STD
+
+    expected = (1 - np.array(CIFAR10_MEAN, np.float32)) / np.array(CIFAR10_STD, np.float32)
+    np.testing.assert_allclose(to_model_input(x)[0, 0, 0], expected, rtol=1e-6)
