@@ -1,0 +1,177 @@
+"""Side-by-side speed of the Flax and PyTorch train and eval steps, per merge computation.
+
+    python scripts/benchmark.py                                # seed preset, batch 128, all merges
+    python scripts/benchmark.py --presets seed tiny --batch-size 256 --json bench.json
+
+Same config, same batch, float32, after warm-up; each figure is the median of repeated timings.
+JAX compile time is reported apart. GFLOP/s counts the model's useful multiply-adds (one conv per
+block, as the aggregated merge computes it) against this CPU's fp32 peak, so the distance to the
+limit is visible. "data wait" is the share of a training step spent preparing its batch on the host
+(indexing, and for PyTorch the numpy augmentation), which the step waits for.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from data.augment import augment_batch
+from expert_core.config import MERGE_MODES, PRESETS, ModelConfig, get_preset
+from expert_core.runfiles import cpu_name
+
+
+def model_flops_per_image(config: ModelConfig) -> float:
+    """Multiply-adds x 2 of one forward pass, with each expert block costing one convolution."""
+    k2 = config.kernel_size ** 2
+    size, macs = 32, 32 * 32 * k2 * 3 * config.stem_channels
+    for c_in, block in zip(config.block_in_channels(), config.blocks):
+        hidden = config.expert_hidden(c_in)
+        macs += c_in * hidden + hidden * config.num_experts + config.num_experts * k2 * c_in * block.out_channels
+        macs += size * size * k2 * c_in * block.out_channels
+        size //= 2 if block.pool else 1
+    features = config.blocks[-1].out_channels
+    if config.classifier_hidden:
+        macs += features * config.classifier_hidden
+        features = config.classifier_hidden
+    return 2.0 * (macs + features * config.num_classes)
+
+
+def cpu_peak_gflops() -> tuple[float, str]:
+    """cores x 2 FMA units x fp32 lanes x 2 flops x clock, from /proc/cpuinfo."""
+    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    mhz = max([float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")] or [2000.0])
+    # AMD runs AVX-512 on 256-bit datapaths, so only Intel gets 16 lanes per FMA unit.
+    lanes = 16 if "avx512f" in flags and "GenuineIntel" in info else 8 if "avx2" in flags else 4
+    cores = os.cpu_count() or 1
+    return cores * 2 * lanes * 2 * mhz / 1000, f"{cores} cores x 2 FMA x {lanes} lanes x 2 x {mhz / 1000:.2f} GHz"
+
+
+def median_seconds(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def bench_torch(preset, merge, images, labels, repeats):
+    import torch
+
+    from torch_reference.model import to_model_input
+    from torch_reference.train import TorchBackend
+
+    backend = TorchBackend(preset.model, preset.train, steps_per_epoch=1000, seed=0, merge=merge, device="cpu")
+    train = lambda: backend.step_on_batch(images, labels, 1.0)  # noqa: E731
+
+    def evaluate():
+        backend.model.eval()
+        with torch.no_grad():
+            backend.model(to_model_input(images))
+
+    for _ in range(2):  # warm-up: allocator, oneDNN primitive caches
+        train()
+        evaluate()
+    return {"train_seconds": median_seconds(train, repeats), "eval_seconds": median_seconds(evaluate, repeats),
+            "compile_seconds": 0.0}
+
+
+def bench_flax(preset, merge, images, labels, repeats):
+    import jax
+
+    from flax_expert import train as flax_train
+
+    backend = flax_train.FlaxBackend(preset.model, preset.train, steps_per_epoch=1000, seed=0, merge=merge)
+    smoothing = preset.train.label_smoothing
+
+    def train():
+        backend.state, metrics = flax_train.train_step(backend.state, images, labels, 1.0, smoothing)
+        jax.block_until_ready(metrics)
+
+    def evaluate():
+        jax.block_until_ready(flax_train.eval_step(backend.state, images, 1.0))
+
+    start = time.perf_counter()
+    train()
+    evaluate()
+    compile_seconds = time.perf_counter() - start
+    train()
+    evaluate()
+    return {"train_seconds": median_seconds(train, repeats), "eval_seconds": median_seconds(evaluate, repeats),
+            "compile_seconds": compile_seconds}
+
+
+def data_wait(preset, images, labels, batch: int, repeats: int) -> dict:
+    """Host-side batch preparation time per step, for each framework's input path."""
+    order = np.random.default_rng(0).permutation(len(images))
+    index = np.sort(order[:batch])
+    torch_prep = median_seconds(lambda: augment_batch(images[index], np.random.default_rng(0), preset.train.augment),
+                                repeats)
+    flax_prep = median_seconds(lambda: (images[index], labels[index]), repeats)
+    return {"torch": torch_prep, "flax": flax_prep}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--presets", nargs="+", default=["seed"], choices=sorted(PRESETS))
+    parser.add_argument("--batch-size", type=int, default=128)
+    parser.add_argument("--merges", nargs="+", default=list(MERGE_MODES), choices=MERGE_MODES)
+    parser.add_argument("--frameworks", nargs="+", default=["flax", "torch"], choices=("flax", "torch"))
+    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per figure (median)")
+    parser.add_argument("--json", help="write the table here as JSON")
+    args = parser.parse_args(argv)
+
+    peak, peak_formula = cpu_peak_gflops()
+    print(f"CPU: {cpu_name()}; fp32 peak ~{peak:.0f} GFLOP/s ({peak_formula})")
+    rng = np.random.default_rng(0)
+    pool = rng.integers(0, 256, (4 * args.batch_size, 32, 32, 3), dtype=np.uint8)
+    pool_labels = rng.integers(0, 10, len(pool))
+    images, labels = pool[:args.batch_size], pool_labels[:args.batch_size]
+    runners = {"flax": bench_flax, "torch": bench_torch}
+    rows = []
+    for name in args.presets:
+        preset = get_preset(name)
+        flops = model_flops_per_image(preset.model)
+        waits = data_wait(preset, pool, pool_labels, args.batch_size, args.repeats)
+        for merge in args.merges:
+            for framework in args.frameworks:
+                timing = runners[framework](preset, merge, images, labels, args.repeats)
+                train_ips = args.batch_size / timing["train_seconds"]
+                rows.append({
+                    "preset": name, "framework": framework, "merge": merge, "batch_size": args.batch_size,
+                    "train_images_per_second": round(train_ips, 1),
+                    "eval_images_per_second": round(args.batch_size / timing["eval_seconds"], 1),
+                    "compile_seconds": round(timing["compile_seconds"], 2),
+                    "train_gflops": round(3 * flops * train_ips / 1e9, 1),
+                    "fraction_of_peak": round(3 * flops * train_ips / 1e9 / peak, 3),
+                    "data_wait_fraction": round(waits[framework] / (waits[framework] + timing["train_seconds"]), 3),
+                })
+                print_row(rows[-1])
+    for name in args.presets:
+        for merge in args.merges:
+            pair = {r["framework"]: r for r in rows if r["preset"] == name and r["merge"] == merge}
+            if len(pair) == 2:
+                ratio = pair["flax"]["train_images_per_second"] / pair["torch"]["train_images_per_second"]
+                print(f"{name} / {merge}: Flax / PyTorch train-step ratio {ratio:.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "peak_gflops": peak, "rows": rows}, indent=2))
+    return 0
+
+
+def print_row(row: dict) -> None:
+    print(f"{row['preset']:>6} {row['framework']:>5} {row['merge']:>10}: train {row['train_images_per_second']:7.1f} "
+          f"img/s ({row['train_gflops']:5.1f} GFLOP/s, {100 * row['fraction_of_peak']:4.1f}% of peak) | eval "
+          f"{row['eval_images_per_second']:7.1f} img/s | compile {row['compile_seconds']:5.1f} s | "
+          f"data wait {100 * row['data_wait_fraction']:.1f}%", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
