@@ -93,6 +93,24 @@ def extract_patches(x, k: int):
     return jnp.concatenate(shifted, axis=-1).reshape(n, h * w, k * k * c)
 
 
+def conv2d_as_matmul(x, kernel):
+    """`conv2d` computed as patches @ kernel: XLA:CPU runs the dot's gradients far faster."""
+    n, h, w, _ = x.shape
+    y = extract_patches(x, kernel.shape[0]) @ kernel.reshape(-1, kernel.shape[-1])
+    return y.reshape(n, h, w, kernel.shape[-1])
+
+
+def max_pool_2x2(x):
+    """2x2 max-pool, stride 2, whose gradient goes to the first maximum of each window in row-major
+    order, as PyTorch's does (a plain max would split ties). Four strided slices and a select:
+    XLA:CPU runs this about 9x faster than reduce_window's select-and-scatter gradient."""
+    a, b, c, d = x[:, 0::2, 0::2], x[:, 0::2, 1::2], x[:, 1::2, 0::2], x[:, 1::2, 1::2]
+    h, w = x.shape[1] // 2, x.shape[2] // 2  # an odd last row or column is dropped, as in PyTorch
+    a, b, c, d = (t[:, :h, :w] for t in (a, b, c, d))
+    largest = jax.lax.stop_gradient(jnp.maximum(jnp.maximum(a, b), jnp.maximum(c, d)))
+    return jnp.where(a == largest, a, jnp.where(b == largest, b, jnp.where(c == largest, c, d)))
+
+
 def merge_branches(x, kernels, attention):
     return sum(attention[:, k, None, None, None] * conv2d(x, kernels[k]) for k in range(kernels.shape[0]))
 
@@ -116,6 +134,16 @@ def merge_aggregated(x, kernels, attention):
 MERGES = {"branches": merge_branches, "stacked": merge_stacked, "aggregated": merge_aggregated}
 
 
+class PatchConvKernel(nn.Module):
+    """Holds an HWIO conv kernel at `<name>/kernel`, where nn.Conv keeps it, for the rule table."""
+
+    shape: tuple[int, int, int, int]
+
+    @nn.compact
+    def __call__(self):
+        return self.param("kernel", conv_init, self.shape)
+
+
 class Stem(nn.Module):
     """Conv k x k (no bias, symmetric padding) -> BatchNorm -> ReLU."""
 
@@ -123,11 +151,10 @@ class Stem(nn.Module):
 
     @nn.compact
     def __call__(self, x, train: bool):
-        k, p = self.config.kernel_size, self.config.kernel_size // 2
-        conv = nn.Conv(self.config.stem_channels, (k, k), padding=((p, p), (p, p)), use_bias=False,
-                       kernel_init=conv_init, name="conv")
+        k = self.config.kernel_size
+        kernel = PatchConvKernel((k, k, x.shape[-1], self.config.stem_channels), name="conv")()
         bn = BatchNorm(self.config.bn_momentum, self.config.bn_eps, name="bn")
-        return nn.relu(bn(conv(x), train))
+        return nn.relu(bn(conv2d_as_matmul(x, kernel), train))
 
 
 def _dense(features: int, fan_in: int, name: str) -> nn.Dense:
@@ -165,7 +192,7 @@ class ExpertBlock(nn.Module):
             y = y + x
         y = nn.relu(y)
         if self.block.pool:
-            y = nn.max_pool(y, (2, 2), strides=(2, 2), padding="VALID")
+            y = max_pool_2x2(y)
         return y, attention
 
 
