@@ -104,11 +104,16 @@ def _decode_batch(raw: bytes, path: Path) -> tuple[np.ndarray, np.ndarray]:
     if not isinstance(batch, dict) or b"data" not in batch or b"labels" not in batch:
         found = sorted(batch) if isinstance(batch, dict) else type(batch).__name__
         raise DataError(path, "a dict with b'data' and b'labels'", f"{found}", fix)
-    data = np.asarray(batch[b"data"])
-    labels = np.asarray(batch[b"labels"], dtype=np.int64)
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+    try:  # ragged lists, non-numbers or huge ints make numpy raise; they are bad input like any other
+        data = np.asarray(batch[b"data"])
+        labels = np.asarray(batch[b"labels"], dtype=np.int64)
+    except (TypeError, ValueError, OverflowError) as error:
+        raise DataError(path, "uint8 data of shape (n, 3072) with n integer labels",
+                        f"values numpy cannot convert ({type(error).__name__}: {error})", fix) from error
+    if (data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072 or labels.ndim != 1
+            or len(labels) != len(data)):
         raise DataError(path, "uint8 data of shape (n, 3072) with n labels",
-                        f"{data.dtype} data of shape {data.shape} with {len(labels)} labels", fix)
+                        f"{data.dtype} data of shape {data.shape} with labels of shape {labels.shape}", fix)
     if labels.size and (labels.min() < 0 or labels.max() >= len(CLASS_NAMES)):
         raise DataError(path, "labels in 0..9", f"labels in {labels.min()}..{labels.max()}", fix)
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1).copy(), labels

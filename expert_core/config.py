@@ -20,6 +20,9 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 MERGE_MODES = ("branches", "stacked", "aggregated")
+# "bfloat16": the expert convolutions compute in bf16 from float32 parameters; BatchNorm, the expert
+# branch, the classifier and the loss stay float32. A speed option for accelerators, never for parity.
+PRECISIONS = ("float32", "bfloat16")
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from expert_core import checkpoints, plots, portable, runfiles, schedules
-from expert_core.config import (MERGE_MODES, ModelConfig, TrainConfig, get_preset, model_config_from_dict,
+from expert_core.config import (MERGE_MODES, PRECISIONS, ModelConfig, TrainConfig, get_preset, model_config_from_dict,
                                 to_dict, train_config_from_dict, with_overrides, PRESETS)
 
 
@@ -84,6 +84,9 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     parser.add_argument("--optimizer", choices=("adam_l2", "adamw"), help="default: the preset's")
     parser.add_argument("--merge", choices=MERGE_MODES, help="how the K expert convs are merged; "
                         "default: the fastest for the framework (same numbers either way)")
+    parser.add_argument("--precision", choices=PRECISIONS, default="float32",
+                        help="bfloat16: convolutions in bf16, parameters and BatchNorm statistics in float32; "
+                        "for GPUs/TPUs (slow on most CPUs)")
     parser.add_argument("--data", help="CIFAR-10 archive, batches directory or image folder "
                         "(default: CIFAR10_PATH, then the data root)")
     parser.add_argument("--data-source", choices=("tarball", "batches", "imagefolder", "tfds"))
@@ -125,10 +128,11 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
         raise TrainingError(f"expected at least one batch of {spec.train.batch_size} training images, found "
                             f"{len(train_x)}; lower --batch-size or raise --max-train-examples.")
     backend = factory(spec.model, spec.train, steps_per_epoch=steps_per_epoch, seed=spec.seed,
-                      merge=args.merge, device=args.device)
+                      merge=args.merge, device=args.device, precision=args.precision)
     history = resume_state(run_dir, spec, backend) if args.resume else []
     context = dict(spec=spec, backend=backend, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
-                   class_names=dataset.class_names, data_source=dataset.source, merge=args.merge)
+                   class_names=dataset.class_names, data_source=dataset.source, merge=args.merge,
+                   precision=args.precision, git_commit=runfiles.git_commit())
     predictions = None
     for epoch in range(len(history), spec.train.epochs):
         epoch_start = time.perf_counter()
@@ -267,7 +271,7 @@ def finish(context: dict, history: list[dict], predictions: Predictions, test_x,
     step_seconds = sum(r["train_seconds"] for r in history)
     summary = {
         "framework": backend.framework, "preset": spec.preset, "device": backend.device,
-        "cpu": runfiles.cpu_name(), "epochs": len(history),
+        "cpu": runfiles.cpu_name(), "precision": context["precision"], "epochs": len(history),
         "test_accuracy": history[-1]["test_accuracy"], "best_test_accuracy": best["test_accuracy"],
         "best_epoch": best["epoch"],
         "train_wall_seconds": round(sum(r["epoch_seconds"] for r in history), 2),
@@ -275,7 +279,7 @@ def finish(context: dict, history: list[dict], predictions: Predictions, test_x,
                                    / step_seconds, 1),
         "train_examples": context["steps_per_epoch"] * spec.train.batch_size,
         "test_examples": len(test_y), "data_source": context["data_source"],
-        "command": runfiles.command_line(), "git_commit": runfiles.git_commit(),
+        "command": runfiles.command_line(), "git_commit": context["git_commit"],
         "versions": backend.versions(), **spec.as_dict(),
     }
     runfiles.write_json(run_dir / runfiles.SUMMARY_FILE, summary)

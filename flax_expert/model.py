@@ -7,6 +7,8 @@ expert_core.portable: the K expert kernels of a block are one param `blocks_{i}/
 
 from __future__ import annotations
 
+from typing import Any
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -111,6 +113,11 @@ def max_pool_2x2(x):
     return jnp.where(a == largest, a, jnp.where(b == largest, b, jnp.where(c == largest, c, d)))
 
 
+def in_dtype(compute, dtype, *operands):
+    """Run `compute` on the operands cast to `dtype` and hand back float32 (BatchNorm's input)."""
+    return compute(*(o.astype(dtype) for o in operands)).astype(jnp.float32)
+
+
 def merge_branches(x, kernels, attention):
     return sum(attention[:, k, None, None, None] * conv2d(x, kernels[k]) for k in range(kernels.shape[0]))
 
@@ -148,13 +155,14 @@ class Stem(nn.Module):
     """Conv k x k (no bias, symmetric padding) -> BatchNorm -> ReLU."""
 
     config: ModelConfig
+    compute_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool):
         k = self.config.kernel_size
         kernel = PatchConvKernel((k, k, x.shape[-1], self.config.stem_channels), name="conv")()
         bn = BatchNorm(self.config.bn_momentum, self.config.bn_eps, name="bn")
-        return nn.relu(bn(conv2d_as_matmul(x, kernel), train))
+        return nn.relu(bn(in_dtype(conv2d_as_matmul, self.compute_dtype, x, kernel), train))
 
 
 def _dense(features: int, fan_in: int, name: str) -> nn.Dense:
@@ -179,6 +187,7 @@ class ExpertBlock(nn.Module):
     config: ModelConfig
     block: BlockConfig
     merge: str
+    compute_dtype: Any = jnp.float32
 
     @nn.compact
     def __call__(self, x, train: bool, temperature):
@@ -186,7 +195,7 @@ class ExpertBlock(nn.Module):
         attention = ExpertBranch(self.config, name="expert")(x, temperature)
         kernels = self.param("kernels", expert_kernels_init,
                              (self.config.num_experts, k, k, x.shape[-1], self.block.out_channels))
-        y = MERGES[self.merge](x, kernels, attention)
+        y = in_dtype(MERGES[self.merge], self.compute_dtype, x, kernels, attention)
         y = BatchNorm(self.config.bn_momentum, self.config.bn_eps, name="bn")(y, train)
         if self.block.residual:
             y = y + x
@@ -213,15 +222,17 @@ class Classifier(nn.Module):
 class ExpertCNN(nn.Module):
     config: ModelConfig
     merge: str = DEFAULT_MERGE
+    compute_dtype: Any = jnp.float32  # bfloat16: the convolutions only (see expert_core.config.PRECISIONS)
 
     @nn.compact
     def __call__(self, x, train: bool, temperature=None, return_attention: bool = False):
         temperature = self.config.temperature if temperature is None else temperature
         check_merge(self.merge)
-        x = Stem(self.config, name="stem")(x, train)
+        x = Stem(self.config, self.compute_dtype, name="stem")(x, train)
         attention = []
         for i, block in enumerate(self.config.blocks):
-            x, a = ExpertBlock(self.config, block, self.merge, name=f"blocks_{i}")(x, train, temperature)
+            x, a = ExpertBlock(self.config, block, self.merge, self.compute_dtype, name=f"blocks_{i}")(
+                x, train, temperature)
             attention.append(a)
         logits = Classifier(self.config, name="classifier")(x, train)
         return (logits, attention) if return_attention else logits

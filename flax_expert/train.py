@@ -111,13 +111,13 @@ class FlaxBackend:
     framework = "flax"
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, *, steps_per_epoch: int,
-                 seed: int, merge: str | None = None, device: str = "auto"):
+                 seed: int, merge: str | None = None, device: str = "auto", precision: str = "float32"):
         self.jax_device = resolve_device(device)
         self.device = "cpu" if self.jax_device.platform == "cpu" else \
             f"{self.jax_device.platform} ({self.jax_device.device_kind})"
         self.config = train_config
         self.model_config = model_config
-        model = ExpertCNN(model_config, merge=merge or DEFAULT_MERGE)
+        model = ExpertCNN(model_config, merge=merge or DEFAULT_MERGE, compute_dtype=jnp.dtype(precision))
         with jax.default_device(self.jax_device):
             self.state = create_train_state(model, train_config, steps_per_epoch, jax.random.PRNGKey(seed))
 

@@ -1,4 +1,12 @@
-"""Shared fixtures: the real CIFAR-10 copy (CIFAR10_PATH) and a private cache when none is set."""
+"""Shared fixtures: the real CIFAR-10 copy (CIFAR10_PATH), a private cache when none is set, no network.
+
+- `EXPERT_CNN_CACHE`: when it is set (CI sets it to the checkout's .cache) it is kept, so the decoded
+  real data set is cached once and reused by every test and every run; when it is unset (or empty) it
+  is pointed at a directory under pytest's tmp, so tests never write the user's ~/.cache.
+- `cifar10`: the real data set, loaded once per session through `data.load_cifar10()` (which reads
+  CIFAR10_PATH); the tests that need it are skipped, with the reason, when CIFAR10_PATH is unset.
+- Tests never touch the network: the archive download is replaced by a function that fails the test.
+"""
 
 import os
 
@@ -7,15 +15,32 @@ import pytest
 
 @pytest.fixture(scope="session", autouse=True)
 def _private_cache(tmp_path_factory):
-    """Never write the user's ~/.cache from tests; CI sets EXPERT_CNN_CACHE to reuse one cache."""
-    if "EXPERT_CNN_CACHE" not in os.environ:
+    """Never write the user's ~/.cache from tests; keep EXPERT_CNN_CACHE when it is set (CI reuses it)."""
+    if not os.environ.get("EXPERT_CNN_CACHE"):
         os.environ["EXPERT_CNN_CACHE"] = str(tmp_path_factory.mktemp("expert_cnn_cache"))
+    return os.environ["EXPERT_CNN_CACHE"]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_download():
+    """A test that would download the official archive fails instead of touching the network."""
+    from data import sources
+
+    def refuse(destination):
+        raise RuntimeError(f"tests must not touch the network (download of {sources.TARBALL_URL} "
+                           f"to {destination} was requested)")
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(sources, "download_tarball", refuse)
+        yield
 
 
 @pytest.fixture(scope="session")
 def cifar10(_private_cache):
+    """The real CIFAR-10 copy named by CIFAR10_PATH, decoded once (and cached in EXPERT_CNN_CACHE)."""
     if not os.environ.get("CIFAR10_PATH"):
-        pytest.skip("CIFAR10_PATH is not set: point it at a CIFAR-10 copy to run the tests on real data")
+        pytest.skip("CIFAR10_PATH is not set: point it at a CIFAR-10 copy (CI uses "
+                    "../shared/datasets/cifar10-jpeg) to run the tests on the real data set")
     from data import load_cifar10
 
     return load_cifar10()

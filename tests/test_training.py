@@ -111,3 +111,21 @@ def test_twenty_steps_twice_give_identical_losses(framework, cifar10):
     first = losses()
     assert first == losses()
     assert len(set(first)) > 1
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_bfloat16_trains_close_to_float32_and_keeps_float32_state(framework, cifar10):
+    preset = get_preset("tiny")
+    images, labels = cifar10.train_images[:32], cifar10.train_labels[:32]
+
+    def first_losses(precision):
+        backend = backend_factory(framework)(preset.model, preset.train, steps_per_epoch=20, seed=3,
+                                             device="cpu", precision=precision)
+        losses = [float(backend.train_step(images, labels, step, 1.0)[0]) for step in range(3)]
+        return losses, backend.canonical_weights()
+
+    full, _ = first_losses("float32")
+    half, weights = first_losses("bfloat16")
+    assert {str(w.dtype) for w in weights.values()} <= {"float32", "int64"}
+    assert half != full  # the convolutions really ran in bfloat16
+    np.testing.assert_allclose(half, full, rtol=2e-2)

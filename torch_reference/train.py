@@ -47,8 +47,10 @@ class TorchBackend:
     framework = "torch"
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, *, steps_per_epoch: int,
-                 seed: int, merge: str | None = None, device: str = "auto"):
+                 seed: int, merge: str | None = None, device: str = "auto", precision: str = "float32"):
         self.torch_device = resolve_device(device)
+        # autocast keeps BatchNorm, softmax and the loss in float32 and the parameters stay float32.
+        self.autocast = torch.autocast(self.torch_device.type, torch.bfloat16, enabled=precision == "bfloat16")
         self.device = _describe(self.torch_device)
         self.config = train_config
         self.seed = seed
@@ -69,8 +71,9 @@ class TorchBackend:
         self.model.train()
         x = to_model_input(images).to(self.torch_device)
         y = torch.as_tensor(labels, dtype=torch.long, device=self.torch_device)
-        logits = self.model(x, temperature=temperature)
-        loss = smoothed_cross_entropy(logits, y, self.config.label_smoothing)
+        with self.autocast:
+            logits = self.model(x, temperature=temperature)
+        loss = smoothed_cross_entropy(logits.float(), y, self.config.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         self.optimizer.step()
@@ -83,11 +86,12 @@ class TorchBackend:
         logits, attention = [], []
         for start in range(0, len(images), EVAL_BATCH):
             x = to_model_input(images[start:start + EVAL_BATCH]).to(self.torch_device)
-            batch_logits, batch_attention = self.model(x, temperature=temperature, return_attention=True)
-            if self.config.test_time_flip:
-                batch_logits = (batch_logits + self.model(x.flip(3), temperature=temperature)) / 2
-            logits.append(batch_logits.cpu().numpy())
-            attention.append([a.cpu().numpy() for a in batch_attention])
+            with self.autocast:
+                batch_logits, batch_attention = self.model(x, temperature=temperature, return_attention=True)
+                if self.config.test_time_flip:
+                    batch_logits = (batch_logits + self.model(x.flip(3), temperature=temperature)) / 2
+            logits.append(batch_logits.float().cpu().numpy())
+            attention.append([a.float().cpu().numpy() for a in batch_attention])
         return Predictions(np.concatenate(logits), [np.concatenate(a) for a in zip(*attention)])
 
     def state_bytes(self) -> bytes:
