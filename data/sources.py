@@ -94,10 +94,26 @@ def _read_batches(read_bytes, where: Path) -> Splits:
     return splits
 
 
+class _BatchUnpickler(pickle.Unpickler):
+    """Unpickles only what the official batches hold: plain containers and numpy arrays.
+
+    A pickle can name any importable callable; a damaged or hostile file must not get to run one.
+    """
+
+    ALLOWED = {("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+               ("numpy", "ndarray"), ("numpy", "dtype")}
+
+    def find_class(self, module, name):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"refused to load {module}.{name}: a CIFAR-10 batch holds only "
+                                         "dicts, lists, bytes, numbers and numpy arrays")
+        return super().find_class(module, name)
+
+
 def _decode_batch(raw: bytes, path: Path) -> tuple[np.ndarray, np.ndarray]:
     fix = "Re-extract the file from the official archive; it is damaged or not a CIFAR-10 batch."
     try:
-        batch = pickle.load(io.BytesIO(raw), encoding="bytes")
+        batch = _BatchUnpickler(io.BytesIO(raw), encoding="bytes").load()
     except Exception as error:  # a damaged pickle can raise almost anything
         raise DataError(path, "a Python pickle", f"unreadable data ({type(error).__name__}: {error})",
                         fix) from error
@@ -152,14 +168,19 @@ def _check_class_folders(split_dir: Path) -> None:
 def _decode_image(file: Path, Image) -> np.ndarray:
     try:
         with Image.open(file) as image:
-            mode, size = image.mode, image.size
+            # Checked before decoding: a damaged header may claim a size too large to decode at all.
+            if image.mode != "RGB" or image.size != (32, 32):
+                raise DataError(file, "a 32x32 RGB image", f"a {image.size[0]}x{image.size[1]} {image.mode} image",
+                                "Replace the file with the original CIFAR-10 image (do not resize or convert).")
             pixels = np.asarray(image)
-    except Exception as error:
+    except DataError:
+        raise
+    except Exception as error:  # PIL raises many kinds for damaged files
         raise DataError(file, "a readable PNG or JPEG image", f"{type(error).__name__}: {error}",
                         "Replace the file with the original image.") from error
-    if mode != "RGB" or size != (32, 32):
-        raise DataError(file, "a 32x32 RGB image", f"a {size[0]}x{size[1]} {mode} image",
-                        "Replace the file with the original CIFAR-10 image (do not resize or convert).")
+    if pixels.shape != (32, 32, 3) or pixels.dtype != np.uint8:
+        raise DataError(file, "32x32x3 uint8 pixels", f"{pixels.dtype} pixels of shape {pixels.shape}",
+                        "Replace the file with the original image.")
     return pixels
 
 

@@ -1,8 +1,9 @@
 """Training checkpoints as self-checking files, the same container for both frameworks.
 
-A file is a magic line, one JSON header line (framework, epoch, run metadata, payload size and
-sha256) and the framework's payload bytes. A truncated or altered file fails its checksum and is
-reported, and the previous checkpoint is used instead; the newest two are kept.
+A file is a magic line, a line `sha256 <hex>` of everything after it, one JSON header line
+(framework, epoch, run metadata) and the framework's payload bytes. The checksum covers the header
+too, so no altered byte anywhere can load silently: a truncated or damaged file is reported and the
+previous checkpoint is used instead; the newest two are kept.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ from pathlib import Path
 
 from expert_core.files import atomic_write_bytes
 
-MAGIC = b"EXPERT-CNN-CHECKPOINT 1\n"
+MAGIC = b"EXPERT-CNN-CHECKPOINT 2\n"
+_CHECKSUM_LINE = len(b"sha256 ") + 64 + 1
 KEEP = 2
 
 
@@ -35,10 +37,9 @@ def checkpoint_path(run_dir: Path, epoch: int) -> Path:
 
 
 def write_checkpoint(run_dir: Path, epoch: int, header: dict, payload: bytes) -> Path:
-    header = {**header, "epoch": epoch, "payload_bytes": len(payload),
-              "payload_sha256": hashlib.sha256(payload).hexdigest()}
+    body = json.dumps({**header, "epoch": epoch}).encode() + b"\n" + payload
     path = checkpoint_path(run_dir, epoch)
-    atomic_write_bytes(path, MAGIC + json.dumps(header).encode() + b"\n" + payload)
+    atomic_write_bytes(path, MAGIC + b"sha256 " + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
     for old in list_checkpoints(run_dir)[:-KEEP]:
         old.unlink()
     return path
@@ -57,21 +58,22 @@ def read_checkpoint(path: Path) -> Checkpoint:
         raise CheckpointError(f"{path}: cannot read it ({error}).") from error
     if not blob.startswith(MAGIC):
         raise CheckpointError(f"{path}: expected a file starting with {MAGIC!r}, found {blob[:24]!r}. "
-                              "It is not an expert-cnn checkpoint, or its start is damaged.")
-    header_end = blob.find(b"\n", len(MAGIC))
+                              "It is not an expert-cnn checkpoint of this format, or its start is damaged.")
+    checksum_line, body = blob[len(MAGIC):len(MAGIC) + _CHECKSUM_LINE], blob[len(MAGIC) + _CHECKSUM_LINE:]
+    found = hashlib.sha256(body).hexdigest().encode()
+    if checksum_line != b"sha256 " + found + b"\n":
+        raise CheckpointError(f"{path}: expected its contents to match the recorded checksum "
+                              f"{checksum_line[7:19]!r}..., found sha256 {found[:12].decode()}... over "
+                              f"{len(body)} bytes: the file is truncated or corrupt. Use the previous "
+                              "checkpoint (resume does so) or start again.")
+    header_line, _, payload = body.partition(b"\n")
     try:
-        header = json.loads(blob[len(MAGIC):header_end]) if header_end > 0 else None
+        header = json.loads(header_line)
     except (json.JSONDecodeError, UnicodeDecodeError):
         header = None
-    if not isinstance(header, dict) or "payload_sha256" not in header:
-        raise CheckpointError(f"{path}: expected a JSON header line after the magic line, found damaged "
-                              "bytes. Use the previous checkpoint or start again.")
-    payload = blob[header_end + 1:]
-    if len(payload) != header.get("payload_bytes") or \
-            hashlib.sha256(payload).hexdigest() != header["payload_sha256"]:
-        raise CheckpointError(f"{path}: expected {header.get('payload_bytes')} payload bytes with sha256 "
-                              f"{header['payload_sha256'][:12]}..., found {len(payload)} bytes that do not "
-                              "match: the file is truncated or corrupt. The previous checkpoint is used instead.")
+    if not isinstance(header, dict) or not isinstance(header.get("epoch"), int):
+        raise CheckpointError(f"{path}: expected a JSON header with an epoch, found {header_line[:60]!r}; "
+                              "the file was not written by this project's checkpoint writer.")
     return Checkpoint(path, header, payload)
 
 

@@ -19,6 +19,7 @@ Rules, one per kind of tensor (torch leaf -> Flax collection/leaf, layout change
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -26,7 +27,7 @@ import numpy as np
 from expert_core.config import ModelConfig, model_config_from_dict, to_dict
 
 FORMAT = "expert-cnn-portable"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: metadata carries `tensors_sha256`, so damaged tensor bytes never load
 UNUSED_IN_FLAX = "num_batches_tracked"
 
 
@@ -149,9 +150,21 @@ def save_portable(path, tensors: dict[str, np.ndarray], config: ModelConfig, ext
     from safetensors.numpy import save_file
 
     check_canonical(tensors, config, "save portable")
+    tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                "model_config": json.dumps(to_dict(config)), "extra": json.dumps(extra or {})}
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(path), metadata=metadata)
+                "model_config": json.dumps(to_dict(config)), "extra": json.dumps(extra or {}),
+                "tensors_sha256": tensors_checksum(tensors)}
+    save_file(tensors, str(path), metadata=metadata)
+
+
+def tensors_checksum(tensors: dict[str, np.ndarray]) -> str:
+    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
+    digest = hashlib.sha256()
+    for key in sorted(tensors):
+        value = np.ascontiguousarray(tensors[key])
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.reshape(-1).view(np.uint8).data)
+    return digest.hexdigest()
 
 
 def _scalar_fix(key: str, value: np.ndarray) -> np.ndarray:
@@ -163,15 +176,24 @@ def load_portable(path) -> tuple[dict[str, np.ndarray], ModelConfig, dict]:
     """Read a portable file: (canonical tensors, model config, extra metadata)."""
     from safetensors import SafetensorError, safe_open
 
+    where = f"load portable {path}"
     try:
         with safe_open(str(path), framework="numpy") as f:
             metadata = f.metadata() or {}
             tensors = {key: _scalar_fix(key, f.get_tensor(key)) for key in f.keys()}
-    except (SafetensorError, OSError) as error:
-        raise PortingError(f"load portable {path}", unexpected=[f"unreadable file: {error}"]) from error
-    if metadata.get("format") != FORMAT:
-        raise PortingError(f"load portable {path}",
-                           unexpected=[f"metadata format {metadata.get('format')!r}, expected {FORMAT!r}"])
-    config = model_config_from_dict(json.loads(metadata["model_config"]))
-    check_canonical(tensors, config, f"load portable {path}")
-    return tensors, config, json.loads(metadata.get("extra", "{}"))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise PortingError(where, unexpected=[f"unreadable file: {error}"]) from error
+    if metadata.get("format") != FORMAT or metadata.get("format_version") != str(FORMAT_VERSION):
+        raise PortingError(where, unexpected=[f"metadata format {metadata.get('format')!r} version "
+                                              f"{metadata.get('format_version')!r}, expected {FORMAT!r} "
+                                              f"version {FORMAT_VERSION}"])
+    if metadata.get("tensors_sha256") != tensors_checksum(tensors):
+        raise PortingError(where, unexpected=["tensor data that does not match the file's checksum: "
+                                              "the file is damaged; use another copy"])
+    try:
+        config = model_config_from_dict(json.loads(metadata["model_config"]))
+        extra = json.loads(metadata.get("extra", "{}"))
+    except (KeyError, TypeError, ValueError) as error:
+        raise PortingError(where, unexpected=[f"unreadable model config in the metadata: {error!r}"]) from error
+    check_canonical(tensors, config, where)
+    return tensors, config, extra

@@ -3,7 +3,10 @@
 - `metrics.jsonl`: one JSON object per epoch (losses, accuracies, learning rate, temperature,
   seconds, images/s, and per block the mean attention per expert and the attention entropy).
 - `summary.json`: the final figures and everything needed to reproduce the run.
-- `evaluation.npz`: the last evaluation's predictions, probabilities and attention, for reports.
+- `evaluation.npz`: the last evaluation, for reports: `logits` (N, classes), `labels` (N,), each
+  block's attention `attention_<b>` (N, K), and `test_index` (N,), where each image sits in the
+  test set (runs written before it existed lack it; they evaluated the whole test set unless
+  `--max-test-examples` was given).
 - `curves.png`, `confusion_matrix.png`, `attention_per_class.png`.
 """
 
@@ -45,6 +48,15 @@ def write_evaluation(run_dir: Path, evaluation: dict[str, np.ndarray]) -> None:
     with open(partial, "wb") as f:
         np.savez_compressed(f, **evaluation)
     os.replace(partial, Path(run_dir) / EVALUATION_FILE)
+
+
+def read_evaluation(run_dir: Path) -> dict:
+    """evaluation.npz as a dict, with the per-block attention gathered into one list `attention`."""
+    with np.load(Path(run_dir) / EVALUATION_FILE, allow_pickle=False) as npz:
+        arrays = {key: npz[key] for key in npz.files}
+    blocks = sorted(int(key.split("_")[1]) for key in arrays if key.startswith("attention_"))
+    arrays["attention"] = [arrays.pop(f"attention_{b}") for b in blocks]
+    return arrays
 
 
 def attention_statistics(attention: list[np.ndarray]) -> dict:

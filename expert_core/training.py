@@ -8,6 +8,7 @@ loop, progress, metrics, checkpoints and resume, plots and the summary. A framew
 from __future__ import annotations
 
 import argparse
+import contextlib
 import shutil
 import sys
 import time
@@ -40,12 +41,16 @@ class Backend(Protocol):
 
     framework: str
     device: str
+    # False in all but one process of a multi-process (data-parallel) run: only the main process writes files.
+    is_main_process: bool
 
     def versions(self) -> dict[str, str]: ...
 
     def train_step(self, images: np.ndarray, labels: np.ndarray, step: int, temperature: float):
         """One optimiser step on a uint8 NHWC batch; augments it itself (seeded by `step`).
-        Returns (mean loss, number correct), each convertible with float()."""
+        Every process of a data-parallel run gets the same global batch and trains on its share.
+        Returns the global batch's (mean loss, number correct, gradient global norm), each convertible
+        with float()."""
 
     def predict(self, images: np.ndarray, temperature: float) -> Predictions: ...
 
@@ -93,6 +98,8 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     parser.add_argument("--download", action="store_true", help="download the official archive if absent")
     parser.add_argument("--out", help=f"run directory (default: runs/{framework}-<preset>)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
+    parser.add_argument("--devices", type=int, help="Flax: train data-parallel on the first N devices (default: "
+                        "all); PyTorch: one device per process, so start N processes with torchrun instead")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-train-examples", type=int, help="train on a fixed random N of the training images")
     parser.add_argument("--max-test-examples", type=int, help="evaluate on a fixed random N of the test images")
@@ -111,7 +118,7 @@ def main(factory: BackendFactory, framework: str, argv: list[str] | None = None)
     return 0
 
 
-def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> dict:
+def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> dict | None:
     from data import load_cifar10
 
     preset = get_preset(args.preset)
@@ -119,20 +126,24 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
                    with_overrides(preset.train, epochs=args.epochs, batch_size=args.batch_size,
                                   learning_rate=args.lr, optimizer=args.optimizer),
                    args.seed, args.max_train_examples)
-    run_dir = prepare_run_dir(Path(args.out or f"runs/{framework}-{args.preset}"), args.resume, args.overwrite)
     dataset = load_cifar10(args.data, args.data_source, download=args.download)
     train_x, train_y = subset(dataset.train_images, dataset.train_labels, args.max_train_examples)
-    test_x, test_y = subset(dataset.test_images, dataset.test_labels, args.max_test_examples)
+    test_index = subset_index(len(dataset.test_labels), args.max_test_examples)
+    test_x, test_y = dataset.test_images[test_index], dataset.test_labels[test_index]
     steps_per_epoch = len(train_x) // spec.train.batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"expected at least one batch of {spec.train.batch_size} training images, found "
                             f"{len(train_x)}; lower --batch-size or raise --max-train-examples.")
     backend = factory(spec.model, spec.train, steps_per_epoch=steps_per_epoch, seed=spec.seed,
-                      merge=args.merge, device=args.device, precision=args.precision)
-    history = resume_state(run_dir, spec, backend) if args.resume else []
+                      merge=args.merge, device=args.device, precision=args.precision, devices=args.devices)
+    run_dir = Path(args.out or f"runs/{framework}-{args.preset}")
+    if backend.is_main_process:  # the only writer; the other processes read the directory on --resume only
+        prepare_run_dir(run_dir, args.resume, args.overwrite)
+    # --overwrite emptied it: nothing to resume, and no process reads a directory being deleted.
+    history = resume_state(run_dir, spec, backend) if args.resume and not args.overwrite else []
     context = dict(spec=spec, backend=backend, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
                    class_names=dataset.class_names, data_source=dataset.source, merge=args.merge,
-                   precision=args.precision, git_commit=runfiles.git_commit())
+                   precision=args.precision, git_commit=runfiles.git_commit(), test_index=test_index)
     predictions = None
     for epoch in range(len(history), spec.train.epochs):
         epoch_start = time.perf_counter()
@@ -141,21 +152,31 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
         row.update(evaluate(predictions, test_y))
         history.append(row)
         row["epoch_seconds"] = time.perf_counter() - epoch_start
-        save_epoch(context, history)
-        print(f"epoch {epoch + 1}/{spec.train.epochs}: train loss {row['train_loss']:.4f} "
-              f"acc {row['train_accuracy']:.2f}% | test loss {row['test_loss']:.4f} acc "
-              f"{row['test_accuracy']:.2f}% | {row['images_per_second']:.0f} img/s", flush=True)
+        if backend.is_main_process:
+            save_epoch(context, history)
+            print(f"epoch {epoch + 1}/{spec.train.epochs}: train loss {row['train_loss']:.4f} "
+                  f"acc {row['train_accuracy']:.2f}% | test loss {row['test_loss']:.4f} acc "
+                  f"{row['test_accuracy']:.2f}% | {row['images_per_second']:.0f} img/s", flush=True)
     if predictions is None:  # resumed a finished run: evaluate its final state again
         predictions = backend.predict(test_x, history[-1]["temperature"])
-    return finish(context, history, predictions, test_x, test_y)
+    if not backend.is_main_process:
+        return None  # the main process writes the run files and returns the summary
+    return finish(context, history, predictions, test_y)
 
 
 def subset(images, labels, limit: int | None):
     """A fixed random `limit` of the images (all when None): sources may be sorted by class."""
     if limit is None or limit >= len(images):
-        return images, labels
-    index = np.sort(np.random.default_rng(20261124).permutation(len(images))[:limit])
+        return images, labels  # no copy of the full training set
+    index = subset_index(len(images), limit)
     return images[index], labels[index]
+
+
+def subset_index(n: int, limit: int | None) -> np.ndarray:
+    """The sorted indices `subset` keeps of n images; reports use them to find the evaluated test images."""
+    if limit is None or limit >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(20261124).permutation(n)[:limit])
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
@@ -170,8 +191,9 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
 
 def resume_state(run_dir: Path, spec: RunSpec, backend: Backend) -> list[dict]:
     checkpoint = checkpoints.latest_checkpoint(run_dir)
-    if checkpoint is None:
-        raise TrainingError(f"--resume: found no usable checkpoint in {run_dir}; start without --resume.")
+    if checkpoint is None:  # killed before the first epoch ended: there is nothing to lose
+        print(f"--resume: no usable checkpoint in {run_dir}; starting from the beginning", flush=True)
+        return []
     differences = _differences(checkpoint.header["run"], spec.as_dict())
     if differences:
         raise TrainingError(f"--resume: {checkpoint.path} was written by a different run; differing "
@@ -182,8 +204,9 @@ def resume_state(run_dir: Path, spec: RunSpec, backend: Backend) -> list[dict]:
                             f"this is {backend.framework}; use the matching train script.")
     backend.load_state_bytes(checkpoint.payload)
     history = checkpoint.header["history"]
-    runfiles.write_metrics(run_dir, history)
-    print(f"resumed from {checkpoint.path} after epoch {len(history)}", flush=True)
+    if backend.is_main_process:
+        runfiles.write_metrics(run_dir, history)
+        print(f"resumed from {checkpoint.path} after epoch {len(history)}", flush=True)
     return history
 
 
@@ -213,16 +236,17 @@ def train_epoch(backend: Backend, spec: RunSpec, epoch: int, images, labels, ste
     loss_sum = correct = 0.0
     start = time.perf_counter()
     bar = tqdm(range(steps_per_epoch), desc=f"epoch {epoch + 1}/{spec.train.epochs}", unit="step",
-               leave=False, mininterval=1 if sys.stderr.isatty() else 30, file=sys.stderr)
+               leave=False, mininterval=1 if sys.stderr.isatty() else 30, file=sys.stderr,
+               disable=not backend.is_main_process)
     for i in bar:
         step = epoch * steps_per_epoch + i
         index = np.sort(order[i * batch:(i + 1) * batch])
-        loss, batch_correct = backend.train_step(images[index], labels[index], step, temperature)
-        loss = float(loss)
-        if not np.isfinite(loss):
-            raise TrainingError(f"the loss became {loss} at optimiser step {step} (epoch {epoch + 1}); "
-                                "stopped without saving it. The last good checkpoint is kept; lower the "
-                                "learning rate and --resume, or start again.")
+        loss, batch_correct, grad_norm = backend.train_step(images[index], labels[index], step, temperature)
+        loss, grad_norm = float(loss), float(grad_norm)
+        if not (np.isfinite(loss) and np.isfinite(grad_norm)):
+            raise TrainingError(f"the loss became {loss} (gradient norm {grad_norm}) at optimiser step {step} "
+                                f"(epoch {epoch + 1}); stopped without saving it. The last good checkpoint is "
+                                "kept; lower the learning rate and --resume, or start again.")
         loss_sum += loss
         correct += float(batch_correct)
         bar.set_postfix(loss=f"{loss_sum / (i + 1):.3f}",
@@ -245,16 +269,39 @@ def evaluate(predictions: Predictions, labels: np.ndarray) -> dict:
             **runfiles.attention_statistics(predictions.attention)}
 
 
+@contextlib.contextmanager
+def reporting_write_failures(run_dir: Path, what: str):
+    """A full disk or a read-only directory stops the run with what survived, never a traceback."""
+    try:
+        yield
+    except OSError as error:
+        kept = checkpoints.list_checkpoints(run_dir)
+        survivor = f"the last good checkpoint, {kept[-1].name}, is intact" if kept else "no checkpoint exists yet"
+        raise TrainingError(f"could not write {what} in {run_dir} ({error}); {survivor}. Free disk space "
+                            "or make the directory writable, then run again with --resume.") from error
+
+
 def save_epoch(context: dict, history: list[dict]) -> None:
     spec, backend, run_dir = context["spec"], context["backend"], context["run_dir"]
     header = {"framework": backend.framework, "run": spec.as_dict(), "history": history,
               "merge": context["merge"], "data_source": context["data_source"]}
-    checkpoints.write_checkpoint(run_dir, len(history), header, backend.state_bytes())
-    runfiles.write_metrics(run_dir, history)
-    plots.plot_curves(history, run_dir / "curves.png", f"{backend.framework} · preset {spec.preset}")
+    with reporting_write_failures(run_dir, f"the files of epoch {len(history)}"):
+        checkpoints.write_checkpoint(run_dir, len(history), header, backend.state_bytes())
+        runfiles.write_metrics(run_dir, history)
+        plots.plot_curves(history, run_dir / "curves.png", f"{backend.framework} · preset {spec.preset}")
 
 
-def finish(context: dict, history: list[dict], predictions: Predictions, test_x, test_y) -> dict:
+def finish(context: dict, history: list[dict], predictions: Predictions, test_y) -> dict:
+    summary = make_summary(context, history, len(test_y))
+    with reporting_write_failures(context["run_dir"], "the final run files"):
+        write_final_files(context, history, predictions, test_y)
+        runfiles.write_json(context["run_dir"] / runfiles.SUMMARY_FILE, summary)
+    print(f"done: test accuracy {summary['test_accuracy']:.2f}% after {len(history)} epochs, "
+          f"{summary['images_per_second']:.0f} img/s; run files in {context['run_dir']}", flush=True)
+    return summary
+
+
+def write_final_files(context: dict, history: list[dict], predictions: Predictions, test_y) -> None:
     spec, backend, run_dir = context["spec"], context["backend"], context["run_dir"]
     class_names = context["class_names"]
     per_class = runfiles.attention_per_class(predictions.attention, test_y, len(class_names))
@@ -266,10 +313,15 @@ def finish(context: dict, history: list[dict], predictions: Predictions, test_x,
     portable.save_portable(run_dir / PORTABLE_WEIGHTS, backend.canonical_weights(), spec.model,
                            {"framework": backend.framework, "preset": spec.preset, "epochs": len(history)})
     runfiles.write_evaluation(run_dir, {"logits": predictions.logits, "labels": test_y,
+                                        "test_index": context["test_index"],
                                         **{f"attention_{b}": a for b, a in enumerate(predictions.attention)}})
+
+
+def make_summary(context: dict, history: list[dict], test_examples: int) -> dict:
+    spec, backend = context["spec"], context["backend"]
     best = max(history, key=lambda r: r["test_accuracy"])
     step_seconds = sum(r["train_seconds"] for r in history)
-    summary = {
+    return {
         "framework": backend.framework, "preset": spec.preset, "device": backend.device,
         "cpu": runfiles.cpu_name(), "precision": context["precision"], "epochs": len(history),
         "test_accuracy": history[-1]["test_accuracy"], "best_test_accuracy": best["test_accuracy"],
@@ -278,11 +330,7 @@ def finish(context: dict, history: list[dict], predictions: Predictions, test_x,
         "images_per_second": round(sum(r["train_seconds"] * r["images_per_second"] for r in history)
                                    / step_seconds, 1),
         "train_examples": context["steps_per_epoch"] * spec.train.batch_size,
-        "test_examples": len(test_y), "data_source": context["data_source"],
+        "test_examples": test_examples, "data_source": context["data_source"],
         "command": runfiles.command_line(), "git_commit": context["git_commit"],
         "versions": backend.versions(), **spec.as_dict(),
     }
-    runfiles.write_json(run_dir / runfiles.SUMMARY_FILE, summary)
-    print(f"done: test accuracy {summary['test_accuracy']:.2f}% after {len(history)} epochs, "
-          f"{summary['images_per_second']:.0f} img/s; run files in {run_dir}", flush=True)
-    return summary

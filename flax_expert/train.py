@@ -4,11 +4,18 @@ The optimiser is the PyTorch side's, transform for transform: L2-coupled Adam is
 `add_decayed_weights -> scale_by_adam -> scale_by_learning_rate(schedule)` (PyTorch's
 Adam(weight_decay=w) adds w * p to the gradient); `adamw` is Optax's decoupled AdamW. The schedule
 is expert_core.schedules.learning_rate, the very formula PyTorch's LambdaLR evaluates.
+
+Data parallel over every visible device (or the first `devices`), on one host or several: the
+backend lays the devices out as a 1-D mesh ("data"), keeps the TrainState replicated and shards
+each global batch along it. The jitted steps are the same functions as on one device; XLA's SPMD
+partitioner splits them, so augmentation (drawn for the global batch from one key) and the
+BatchNorm statistics (means over the global batch) are those of a single-device run.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 from typing import Any
 
 import flax
@@ -17,10 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from flax.training import train_state
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from expert_core import portable, schedules
 from expert_core.config import AugmentConfig, ModelConfig, TrainConfig
-from expert_core.training import Predictions
+from expert_core.training import Predictions, TrainingError
 from flax_expert.augment import augment_batch
 from flax_expert.model import DEFAULT_MERGE, ExpertCNN, to_model_input
 
@@ -68,7 +77,8 @@ def _update(state: TrainState, images, labels, temperature, dropout_key, smoothi
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
-    return state, {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == labels)}
+    return state, {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
+                   "grad_norm": optax.global_norm(grads)}
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames=("smoothing",))
@@ -96,30 +106,73 @@ def eval_step(state: TrainState, images, temperature, test_time_flip: bool = Fal
     return logits, attention
 
 
-def resolve_device(device: str) -> jax.Device:
-    if device == "auto":
-        return jax.devices()[0]
-    platform = "gpu" if device.startswith("cuda") else device
+def resolve_devices(device: str, count: int | None = None) -> list[jax.Device]:
+    """The first `count` (default: all) devices of the platform `device` names, over all processes.
+
+    On several hosts leave `count` unset: every process must own a part of the mesh."""
+    platform = None if device == "auto" else "gpu" if device.startswith("cuda") else device
     try:
-        return jax.devices(platform)[0]
+        available = jax.devices(platform)
     except RuntimeError as error:
         raise RuntimeError(f"--device {device}: expected a JAX {platform} device, found only "
                            f"{[d.platform for d in jax.devices()]}; use --device cpu or auto.") from error
+    if count is not None and not 1 <= count <= len(available):
+        raise TrainingError(f"--devices {count}: expected 1 to {len(available)}, the {available[0].platform} "
+                            "devices JAX sees; lower --devices (a CPU shows more with XLA_FLAGS="
+                            "--xla_force_host_platform_device_count=N).")
+    return available[:count]
+
+
+def initialize_multihost() -> None:
+    """Joins a multi-host run when JAX_COORDINATOR_ADDRESS (host:port of process 0) is set; call it first.
+
+    JAX_NUM_PROCESSES and JAX_PROCESS_ID give the number of processes and this one's index; when
+    they are unset JAX detects them (SLURM, Open MPI). Untested here: this repository has one host.
+    """
+    if os.environ.get("JAX_COORDINATOR_ADDRESS"):
+        jax.distributed.initialize(num_processes=_env_int("JAX_NUM_PROCESSES"),
+                                   process_id=_env_int("JAX_PROCESS_ID"))
+
+
+def _env_int(name: str) -> int | None:
+    return int(os.environ[name]) if os.environ.get(name) else None
 
 
 class FlaxBackend:
     framework = "flax"
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, *, steps_per_epoch: int,
-                 seed: int, merge: str | None = None, device: str = "auto", precision: str = "float32"):
-        self.jax_device = resolve_device(device)
-        self.device = "cpu" if self.jax_device.platform == "cpu" else \
-            f"{self.jax_device.platform} ({self.jax_device.device_kind})"
+                 seed: int, merge: str | None = None, device: str = "auto", precision: str = "float32",
+                 devices: int | None = None):
+        mesh_devices = resolve_devices(device, devices)
+        if train_config.batch_size % len(mesh_devices):
+            raise TrainingError(f"expected a global batch size divisible by the {len(mesh_devices)} devices, "
+                                f"found {train_config.batch_size}; pass a --batch-size that is a multiple of "
+                                f"{len(mesh_devices)}, or fewer --devices.")
+        mesh = Mesh(np.array(mesh_devices), ("data",))
+        self.replicated = NamedSharding(mesh, PartitionSpec())
+        self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
+        self.is_main_process = jax.process_index() == 0
+        first = mesh_devices[0]
+        kind = "cpu" if first.platform == "cpu" else f"{first.platform} ({first.device_kind})"
+        self.device = kind if len(mesh_devices) == 1 else f"{len(mesh_devices)} x {kind}"
         self.config = train_config
         self.model_config = model_config
         model = ExpertCNN(model_config, merge=merge or DEFAULT_MERGE, compute_dtype=jnp.dtype(precision))
-        with jax.default_device(self.jax_device):
-            self.state = create_train_state(model, train_config, steps_per_epoch, jax.random.PRNGKey(seed))
+        # Built uncommitted on a device of this process, then copied to every device of the mesh.
+        with jax.default_device(jax.local_devices(backend=first.platform)[0]):
+            state = create_train_state(model, train_config, steps_per_epoch, jax.random.PRNGKey(seed))
+        self.state = jax.device_put(state, self.replicated)
+
+    @classmethod
+    def from_canonical(cls, tensors: dict[str, np.ndarray], model_config: ModelConfig,
+                       train_config: TrainConfig | None = None, device: str = "cpu") -> "FlaxBackend":
+        """A backend holding canonical weights (from either framework's checkpoint), to evaluate them."""
+        backend = cls(model_config, train_config or TrainConfig(), steps_per_epoch=1, seed=0, device=device)
+        variables = portable.canonical_to_flax(tensors, model_config)
+        backend.state = backend.state.replace(params=jax.tree.map(jnp.asarray, variables["params"]),
+                                              batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
+        return backend
 
     def versions(self) -> dict[str, str]:
         return {"jax": jax.__version__, "flax": flax.__version__, "optax": optax.__version__,
@@ -128,18 +181,25 @@ class FlaxBackend:
     def train_step(self, images, labels, step, temperature):
         if step != int(self.state.step):
             raise RuntimeError(f"expected optimiser step {int(self.state.step)}, the driver asked for {step}")
-        self.state, metrics = augmented_train_step(self.state, images, labels, temperature,
-                                                   self.config.augment, self.config.label_smoothing)
-        return metrics["loss"], metrics["correct"]
+        self.state, metrics = augmented_train_step(self.state, self.shard(images), self.shard(labels),
+                                                   temperature, self.config.augment, self.config.label_smoothing)
+        return metrics["loss"], metrics["correct"], metrics["grad_norm"]
+
+    def shard(self, batch: np.ndarray) -> jax.Array:
+        """The global batch split along the mesh; each process copies only its own devices' parts."""
+        return jax.make_array_from_callback(batch.shape, self.batch_sharding, lambda index: batch[index])
 
     def predict(self, images: np.ndarray, temperature: float) -> Predictions:
+        devices = self.batch_sharding.num_devices
+        size = -(-EVAL_BATCH // devices) * devices  # the shards must be equal
         logits, attention = [], []
-        for start in range(0, len(images), EVAL_BATCH):
-            batch = images[start:start + EVAL_BATCH]
-            padded = np.pad(batch, ((0, EVAL_BATCH - len(batch)), (0, 0), (0, 0), (0, 0)))  # one shape, one compile
-            batch_logits, batch_attention = eval_step(self.state, padded, temperature, self.config.test_time_flip)
-            logits.append(np.asarray(batch_logits)[:len(batch)])
-            attention.append([np.asarray(a)[:len(batch)] for a in batch_attention])
+        for start in range(0, len(images), size):
+            batch = images[start:start + size]
+            padded = np.pad(batch, ((0, size - len(batch)), (0, 0), (0, 0), (0, 0)))  # one shape, one compile
+            outputs = eval_step(self.state, self.shard(padded), temperature, self.config.test_time_flip)
+            batch_logits, batch_attention = multihost_utils.process_allgather(outputs, tiled=True)
+            logits.append(batch_logits[:len(batch)])
+            attention.append([a[:len(batch)] for a in batch_attention])
         return Predictions(np.concatenate(logits), [np.concatenate(a) for a in zip(*attention)])
 
     def state_bytes(self) -> bytes:
@@ -150,4 +210,4 @@ class FlaxBackend:
         return portable.flax_to_canonical(variables, self.model_config)
 
     def load_state_bytes(self, payload: bytes) -> None:
-        self.state = flax.serialization.from_bytes(self.state, payload)
+        self.state = jax.device_put(flax.serialization.from_bytes(self.state, payload), self.replicated)

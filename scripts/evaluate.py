@@ -13,13 +13,10 @@ import argparse
 import json
 import sys
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from data import load_cifar10
 from expert_core.config import TrainConfig
-from expert_core.portable import canonical_to_flax
 from flax_expert.train import FlaxBackend
 from parity.convert import canonical_to_torch, load_any_checkpoint
 from torch_reference.train import TorchBackend
@@ -32,11 +29,7 @@ def predict_torch(tensors, config, images) -> np.ndarray:
 
 
 def predict_flax(tensors, config, images) -> np.ndarray:
-    backend = FlaxBackend(config, TrainConfig(), steps_per_epoch=1, seed=0, device="cpu")
-    variables = canonical_to_flax(tensors, config)
-    backend.state = backend.state.replace(params=jax.tree.map(jnp.asarray, variables["params"]),
-                                          batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
-    return backend.predict(images, config.temperature).logits
+    return FlaxBackend.from_canonical(tensors, config).predict(images, config.temperature).logits
 
 
 PREDICTORS = {"torch": predict_torch, "flax": predict_flax}

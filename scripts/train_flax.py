@@ -3,7 +3,8 @@
 import sys
 
 from expert_core.training import main
-from flax_expert.train import FlaxBackend
+from flax_expert.train import FlaxBackend, initialize_multihost
 
 if __name__ == "__main__":
+    initialize_multihost()
     sys.exit(main(FlaxBackend, "flax"))

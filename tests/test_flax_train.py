@@ -77,4 +77,4 @@ def test_device_flag_rejects_a_missing_gpu():
     if any(d.platform == "gpu" for d in jax.devices()):
         pytest.skip("a GPU is present")
     with pytest.raises(RuntimeError, match="--device cuda"):
-        flax_train.resolve_device("cuda")
+        flax_train.resolve_devices("cuda")

@@ -3,6 +3,11 @@
 Adam with L2-coupled weight decay (torch.optim.Adam(weight_decay=w)), or decoupled AdamW when the
 recipe says so; the learning rate per optimiser step comes from expert_core.schedules through
 LambdaLR, so StepLR here is exactly the staircase the Flax side computes.
+
+Under `torchrun --nproc_per_node N` it trains data-parallel (torch_reference.distributed): every
+process gets the same global batch from the driver, augments it as one process would and trains on
+its contiguous 1/N of it; DDP averages the gradients, BatchNorm sees the global batch, and the
+loss and accuracy returned are those of the global batch.
 """
 
 from __future__ import annotations
@@ -11,23 +16,28 @@ import io
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.augment import augment_batch
+from data.augment import AugmentParams, apply_augmentation, draw_augment_params
 from expert_core import schedules
 from expert_core.config import ModelConfig, TrainConfig
-from expert_core.training import Predictions, augment_rng
+from expert_core.training import Predictions, TrainingError, augment_rng
+from torch_reference import distributed
 from torch_reference.model import DEFAULT_MERGE, ExpertCNN, to_model_input
 
 EVAL_BATCH = 500
 
 
-def resolve_device(device: str) -> torch.device:
+def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise RuntimeError(f"--device {device}: expected a CUDA GPU, found none; use --device cpu.")
-    return torch.device(device)
+    resolved = torch.device(device)
+    if resolved.type == "cuda" and resolved.index is None:
+        return torch.device("cuda", local_rank)  # torchrun starts one process per GPU of the host
+    return resolved
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, steps_per_epoch: int):
@@ -47,41 +57,62 @@ class TorchBackend:
     framework = "torch"
 
     def __init__(self, model_config: ModelConfig, train_config: TrainConfig, *, steps_per_epoch: int,
-                 seed: int, merge: str | None = None, device: str = "auto", precision: str = "float32"):
-        self.torch_device = resolve_device(device)
+                 seed: int, merge: str | None = None, device: str = "auto", precision: str = "float32",
+                 devices: int | None = None):
+        self.world = distributed.world_from_env()
+        _check_world(self.world, train_config.batch_size, devices)
+        self.is_main_process = self.world.rank == 0
+        self.torch_device = resolve_device(device, self.world.local_rank)
         # autocast keeps BatchNorm, softmax and the loss in float32 and the parameters stay float32.
         self.autocast = torch.autocast(self.torch_device.type, torch.bfloat16, enabled=precision == "bfloat16")
-        self.device = _describe(self.torch_device)
+        self.device = _describe(self.torch_device, self.world.size)
         self.config = train_config
         self.seed = seed
         torch.manual_seed(seed)
         self.model = ExpertCNN(model_config, merge or DEFAULT_MERGE).to(self.torch_device)
+        self.trained = self.model  # what a training step calls: the model itself, or its DDP wrapper
+        if self.world.size > 1:
+            distributed.join_process_group(self.torch_device)
+            self.trained = distributed.data_parallel(self.model, self.torch_device)
         self.optimizer, self.scheduler = make_optimizer(self.model, train_config, steps_per_epoch)
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "numpy": np.__version__}
 
     def train_step(self, images, labels, step, temperature):
-        augmented = augment_batch(images, augment_rng(self.seed, step), self.config.augment)
-        torch.manual_seed(self.seed * 1_000_003 + step)  # dropout draws depend on the step alone
-        return self.step_on_batch(augmented, labels, temperature)
+        """A step on the global batch `images`: this process augments and trains on its part of it."""
+        part = self.world.part(len(images))
+        # The draws for the whole global batch, so each image is augmented as in a single-process run.
+        drawn = draw_augment_params(augment_rng(self.seed, step), len(images), self.config.augment)
+        augmented = apply_augmentation(images[part], AugmentParams(*(p[part] for p in drawn)),
+                                       self.config.augment.crop_padding, np)
+        # Dropout draws depend on the step and the process alone; each process draws its own masks.
+        torch.manual_seed((self.seed * 1_000_003 + step) * self.world.size + self.world.rank)
+        return self.step_on_batch(augmented, labels[part], temperature)
 
     def step_on_batch(self, images: np.ndarray, labels: np.ndarray, temperature: float):
-        """One optimiser step on an already augmented uint8 batch (parity feeds these directly)."""
+        """One optimiser step on an already augmented uint8 batch, this process's part of the global one
+        (parity feeds these directly). Returns the global batch's mean loss and number correct."""
         self.model.train()
         x = to_model_input(images).to(self.torch_device)
         y = torch.as_tensor(labels, dtype=torch.long, device=self.torch_device)
         with self.autocast:
-            logits = self.model(x, temperature=temperature)
+            logits = self.trained(x, temperature=temperature)
         loss = smoothed_cross_entropy(logits.float(), y, self.config.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        loss.backward()  # DDP averages the gradients over the processes here
+        grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters()
+                                                          if p.grad is not None]))
         self.optimizer.step()
         self.scheduler.step()
-        return loss.item(), (logits.argmax(1) == y).sum().item()
+        metrics = torch.stack([loss.detach(), (logits.argmax(1) == y).sum().float()])
+        if self.world.size > 1:  # equal shares: the global mean loss is the mean of the processes' means
+            dist.all_reduce(metrics)
+        return metrics[0].item() / self.world.size, int(metrics[1].item()), grad_norm.item()
 
     @torch.no_grad()
     def predict(self, images: np.ndarray, temperature: float) -> Predictions:
+        """Every process evaluates all `images` on its own model copy: no collectives, cheap next to training."""
         self.model.eval()
         logits, attention = [], []
         for start in range(0, len(images), EVAL_BATCH):
@@ -110,7 +141,16 @@ class TorchBackend:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def _describe(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda ({torch.cuda.get_device_name(device)})"
-    return device.type
+def _check_world(world: distributed.World, batch_size: int, devices: int | None) -> None:
+    if devices is not None and devices != world.size:
+        raise TrainingError(f"--devices {devices}: PyTorch trains on one device per process and this run has "
+                            f"{world.size}; start it with torchrun --nproc_per_node {devices} and leave "
+                            "--devices out.")
+    if batch_size % world.size:
+        raise TrainingError(f"expected a global batch size divisible by the {world.size} processes, found "
+                            f"{batch_size}; pass a --batch-size that is a multiple of {world.size}.")
+
+
+def _describe(device: torch.device, processes: int) -> str:
+    name = f"cuda ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else device.type
+    return name if processes == 1 else f"{processes} x {name} (DDP)"

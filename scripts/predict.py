@@ -1,0 +1,84 @@
+"""Classify your own images with a trained expert-block CNN: top-3 classes and each block's attention.
+
+    python scripts/predict.py --checkpoint results/flax-seed-1epoch/checkpoint-00001.ckpt cat.jpg ship.png
+    python scripts/predict.py --checkpoint results/torch-seed-1epoch photos/*.jpg --json predictions.json
+
+The checkpoint is a .ckpt from either train script, a portable .safetensors file, or a run directory
+(its weights.safetensors, else its newest checkpoint). The model runs in Flax on the CPU, at the
+temperature and with the test-time flip the run's own evaluation used. A file that cannot be used
+gets its own error and the others are still classified; the exit status is 1 if any file failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+import numpy as np
+
+from expert_core.checkpoints import CheckpointError
+from expert_core.config import TrainConfig
+from expert_core.portable import PortingError
+from expert_core.report import (IMAGE_POLICY, ReportError, evaluation_settings, format_record, prediction_record,
+                                read_image, resolve_checkpoint)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], epilog=IMAGE_POLICY)
+    parser.add_argument("--checkpoint", required=True, help=".ckpt (torch or flax), .safetensors or a run directory")
+    parser.add_argument("images", nargs="+", metavar="IMAGE")
+    parser.add_argument("--json", help="also write every file's result (or error) here as JSON")
+    args = parser.parse_args(argv)
+    try:
+        backend, temperature, description = load_model(args.checkpoint)
+    except (ReportError, CheckpointError, PortingError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(description)
+    records = classify(backend, temperature, args.images)
+    for record in records:
+        if record["ok"]:
+            print(format_record(record))
+        else:
+            print(f"error: {record['error']}", file=sys.stderr)
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(records, f, indent=2)
+    return 0 if all(record["ok"] for record in records) else 1
+
+
+def load_model(checkpoint: str):
+    from flax_expert.train import FlaxBackend
+    from parity.convert import load_any_checkpoint
+
+    path = resolve_checkpoint(checkpoint)
+    tensors, config, origin = load_any_checkpoint(path)
+    temperature, flip = evaluation_settings(path, config)
+    backend = FlaxBackend.from_canonical(tensors, config, TrainConfig(test_time_flip=flip))
+    return backend, temperature, (f"{path}: {origin} weights, run in Flax at temperature {temperature:g}, "
+                                  f"test-time flip {'on' if flip else 'off'}")
+
+
+def classify(backend, temperature: float, paths: list[str]) -> list[dict]:
+    """One record per path, in order: the prediction, or the error that kept the file out."""
+    records, images, positions = [], [], []
+    for path in paths:
+        try:
+            image, notes = read_image(path)
+        except ReportError as error:
+            records.append({"file": path, "ok": False, "error": str(error)})
+            continue
+        positions.append(len(records))
+        records.append({"file": path, "notes": notes})
+        images.append(image)
+    if images:
+        predictions = backend.predict(np.stack(images), temperature)
+        for i, position in enumerate(positions):
+            records[position] = prediction_record(paths[position], predictions.logits[i],
+                                                  [a[i] for a in predictions.attention], records[position]["notes"])
+    return records
+
+
+if __name__ == "__main__":
+    sys.exit(main())
