@@ -95,11 +95,47 @@ def extract_patches(x, k: int):
     return jnp.concatenate(shifted, axis=-1).reshape(n, h * w, k * k * c)
 
 
+# A whole batch's patches (151 MB for 128 images at 32x32x32) stream through memory at XLA:CPU's
+# copy speed, which made them most of the train step; a few images' patches stay in cache.
+PATCH_CHUNK_ELEMENTS = 1_500_000
+
+
+def batch_chunk(n: int, patch_elements_per_image: int) -> int:
+    """Images per chunk: the largest divisor of n whose patches fit the budget; all n off the CPU."""
+    if jax.default_backend() != "cpu":
+        return n
+    limit = max(1, PATCH_CHUNK_ELEMENTS // patch_elements_per_image)
+    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+
+
+def in_batch_chunks(compute, patch_elements_per_image: int, *batched):
+    """compute(*batched) for a per-image computation, run chunk by chunk over the batch (lax.map).
+
+    Each chunk is rematerialised in the backward pass (jax.checkpoint): storing every chunk's
+    patches for the gradient would bring back the whole-batch tensor this avoids.
+    """
+    n = batched[0].shape[0]
+    chunk = batch_chunk(n, patch_elements_per_image)
+    if chunk == n:
+        return compute(*batched)
+    chunks = [b.reshape(n // chunk, chunk, *b.shape[1:]) for b in batched]
+    y = jax.lax.map(lambda args: jax.checkpoint(compute)(*args), chunks)
+    return y.reshape(n, *y.shape[2:])
+
+
+def patch_elements(x, k: int) -> int:
+    return x.shape[1] * x.shape[2] * k * k * x.shape[3]
+
+
 def conv2d_as_matmul(x, kernel):
     """`conv2d` computed as patches @ kernel: XLA:CPU runs the dot's gradients far faster."""
-    n, h, w, _ = x.shape
-    y = extract_patches(x, kernel.shape[0]) @ kernel.reshape(-1, kernel.shape[-1])
-    return y.reshape(n, h, w, kernel.shape[-1])
+    k, c_out = kernel.shape[0], kernel.shape[-1]
+
+    def compute(x):
+        n, h, w, _ = x.shape
+        return (extract_patches(x, k) @ kernel.reshape(-1, c_out)).reshape(n, h, w, c_out)
+
+    return in_batch_chunks(compute, patch_elements(x, k), x)
 
 
 def max_pool_2x2(x):
@@ -132,10 +168,13 @@ def merge_stacked(x, kernels, attention):
 def merge_aggregated(x, kernels, attention):
     # One kernel per sample, W_n = sum_k a_nk W_k: a batched matmul over patches, 1x the conv FLOPs.
     experts, k, _, c_in, c_out = kernels.shape
-    n, h, w, _ = x.shape
-    per_sample = (attention @ kernels.reshape(experts, -1)).reshape(n, k * k * c_in, c_out)
-    y = jnp.einsum("npq,nqo->npo", extract_patches(x, k), per_sample)
-    return y.reshape(n, h, w, c_out)
+
+    def compute(x, attention):
+        n, h, w, _ = x.shape
+        per_sample = (attention @ kernels.reshape(experts, -1)).reshape(n, k * k * c_in, c_out)
+        return jnp.einsum("npq,nqo->npo", extract_patches(x, k), per_sample).reshape(n, h, w, c_out)
+
+    return in_batch_chunks(compute, patch_elements(x, k), x, attention)
 
 
 MERGES = {"branches": merge_branches, "stacked": merge_stacked, "aggregated": merge_aggregated}

@@ -4,7 +4,8 @@
     python scripts/evaluate.py --checkpoint weights.safetensors --framework both
 
 Loads a training checkpoint of either framework or a portable .safetensors file, ports the
-weights, and prints test accuracy and the number of correct images for each framework asked for.
+weights, and prints test accuracy and the number of correct images for each framework asked for,
+evaluating as the run did (its final attention temperature and test-time flip).
 """
 
 from __future__ import annotations
@@ -17,19 +18,21 @@ import numpy as np
 
 from data import load_cifar10
 from expert_core.config import TrainConfig
+from expert_core.report import evaluation_settings
 from flax_expert.train import FlaxBackend
 from parity.convert import canonical_to_torch, load_any_checkpoint
 from torch_reference.train import TorchBackend
 
 
-def predict_torch(tensors, config, images) -> np.ndarray:
-    backend = TorchBackend(config, TrainConfig(), steps_per_epoch=1, seed=0, device="cpu")
+def predict_torch(tensors, config, images, temperature: float, flip: bool) -> np.ndarray:
+    backend = TorchBackend(config, TrainConfig(test_time_flip=flip), steps_per_epoch=1, seed=0, device="cpu")
     backend.model.load_state_dict(canonical_to_torch(tensors, config))
-    return backend.predict(images, config.temperature).logits
+    return backend.predict(images, temperature).logits
 
 
-def predict_flax(tensors, config, images) -> np.ndarray:
-    return FlaxBackend.from_canonical(tensors, config).predict(images, config.temperature).logits
+def predict_flax(tensors, config, images, temperature: float, flip: bool) -> np.ndarray:
+    return FlaxBackend.from_canonical(tensors, config, TrainConfig(test_time_flip=flip)).predict(
+        images, temperature).logits
 
 
 PREDICTORS = {"torch": predict_torch, "flax": predict_flax}
@@ -44,11 +47,13 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     tensors, config, origin = load_any_checkpoint(args.checkpoint)
+    temperature, flip = evaluation_settings(args.checkpoint, config)  # as the run's own evaluation did
     dataset = load_cifar10(args.data)
     frameworks = ("torch", "flax") if args.framework == "both" else (args.framework,)
     results, predictions = {"checkpoint": args.checkpoint, "written_by": origin}, {}
     for framework in frameworks:
-        predictions[framework] = PREDICTORS[framework](tensors, config, dataset.test_images).argmax(1)
+        logits = PREDICTORS[framework](tensors, config, dataset.test_images, temperature, flip)
+        predictions[framework] = logits.argmax(1)
         correct = int((predictions[framework] == dataset.test_labels).sum())
         results[framework] = {"correct": correct, "test_accuracy": 100 * correct / len(dataset.test_labels)}
         print(f"{origin} checkpoint evaluated by {framework}: {correct} / {len(dataset.test_labels)} correct "

@@ -8,7 +8,8 @@ import pytest
 
 from expert_core.config import MERGE_MODES, BlockConfig, ModelConfig
 from expert_core.portable import canonical_shapes, flax_to_canonical
-from flax_expert.model import BatchNorm, ExpertCNN, to_model_input
+from flax_expert import model as flax_model
+from flax_expert.model import BatchNorm, ExpertCNN, batch_chunk, to_model_input
 
 MIXED = ModelConfig(stem_channels=6, blocks=(BlockConfig(6, pool=False, residual=True), BlockConfig(10)),
                     num_experts=3, reduction=2, classifier_hidden=12, temperature=1.5)
@@ -86,6 +87,24 @@ def _get(tree, path):
     for key in path:
         tree = tree[key.key]
     return tree
+
+
+@pytest.mark.parametrize("n, budget, chunk", [(6, 14000, 2), (7, 14000, 1), (6, 10**9, 6)])
+def test_merges_computed_in_batch_chunks_equal_the_whole_batch(monkeypatch, n, budget, chunk):
+    variables = init(MIXED)
+    x = inputs(n)
+
+    def loss(params):
+        logits, attention = ExpertCNN(MIXED).apply({**variables, "params": params}, x, train=False,
+                                                   return_attention=True)
+        return jnp.sum(logits ** 2), (logits, attention)
+
+    whole = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    monkeypatch.setattr(flax_model, "PATCH_CHUNK_ELEMENTS", budget)
+    assert batch_chunk(n, 16 * 16 * 9 * 3) == chunk  # the stem: 6,912 patch elements an image
+    chunked = jax.value_and_grad(loss, has_aux=True)(variables["params"])
+    for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
+        np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
 def test_unknown_merge_is_refused():
