@@ -15,7 +15,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: training machines and CI have no display
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import Normalize  # noqa: E402
+from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator  # noqa: E402
 
 RUN_COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -87,13 +87,14 @@ def plot_attention_per_class(per_class: np.ndarray, class_names, path: Path, tit
                              spread: float | None = None) -> None:
     """per_class: (blocks, classes, experts) mean attention; one heatmap per block.
 
-    The colour scale is centred on uniform attention 1/K: after little training every mean is near
+    The colour scale is white at uniform attention 1/K: after little training every mean is near
     it, and a 0..1 scale would paint the whole map one colour. `spread` (default: this figure's own)
     sets its half-width, so several runs can share one scale.
     """
     blocks, _, experts = per_class.shape
     spread = spread or attention_spread(per_class)
-    norm = Normalize(1 / experts - spread, 1 / experts + spread)
+    # An attention is never below 0: the scale stops there rather than showing impossible values.
+    norm = TwoSlopeNorm(1 / experts, max(0.0, 1 / experts - spread), 1 / experts + spread)
     fig, axes = plt.subplots(1, blocks, figsize=(2.4 + 1.1 * experts * blocks, 4.8), squeeze=False)
     for b, ax in enumerate(axes[0]):
         image = ax.imshow(per_class[b], cmap="RdBu_r", norm=norm, aspect="auto")
