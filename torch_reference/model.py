@@ -14,10 +14,8 @@ from torch import nn
 
 from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig
 
-# Train-step images/s (batch 128, 2 threads, 2-core AMD EPYC with AVX-512; branches / stacked / aggregated):
-#   widths 32/64/128 (the seed preset), quiet CPU: 304 / 270 / 623 and 290 / 280 / 618
-#   widths 64/128/256, CPU shared with other jobs:  27 / 37 / 52 and 28 / 38 / 54
-# Aggregated does 1x instead of K x the conv FLOPs: fastest in 13 of 15 runs, both others on a busy CPU.
+# Seed preset, batch 128, 2 threads, 2-core AMD EPYC (README "Speed", results/benchmark/): train img/s
+# branches 450-475 / stacked 358-430 / aggregated 678-821. Aggregated does 1x instead of K x the conv FLOPs.
 DEFAULT_MERGE = "aggregated"
 
 _MEAN = torch.tensor(CIFAR10_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
