@@ -10,6 +10,8 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 
+import numpy as np
+
 NUM_CLASSES = 10
 CLASS_NAMES = (
     "airplane", "automobile", "bird", "cat", "deer",
@@ -19,10 +21,24 @@ CLASS_NAMES = (
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
+
+def normalisation_table() -> np.ndarray:
+    """(256, 3) float32: entry [v, c] is ((v / 255) - mean[c]) / std[c], computed in float64.
+
+    Both frameworks look their inputs up here instead of computing the formula: done in float32 by
+    each framework, it came out one bit apart for about half the pixels, and those bits decided
+    which pixel of a near-tied max-pool window got the gradient.
+    """
+    values = np.arange(256, dtype=np.float64)[:, None] / 255
+    return ((values - np.asarray(CIFAR10_MEAN)) / np.asarray(CIFAR10_STD)).astype(np.float32)
+
+
 MERGE_MODES = ("branches", "stacked", "aggregated")
 # "bfloat16": the expert convolutions compute in bf16 from float32 parameters; BatchNorm, the expert
 # branch, the classifier and the loss stay float32. A speed option for accelerators, never for parity.
-PRECISIONS = ("float32", "bfloat16")
+# "float64": everything, optimiser state included, in float64: slow, and only for checking that two
+# runs (one device against several) differ by rounding alone, which float32 cannot show.
+PRECISIONS = ("float32", "bfloat16", "float64")
 
 
 @dataclass(frozen=True)

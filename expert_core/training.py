@@ -91,7 +91,8 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
                         "default: the fastest for the framework (same numbers either way)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
                         help="bfloat16: convolutions in bf16, parameters and BatchNorm statistics in float32; "
-                        "for GPUs/TPUs (slow on most CPUs)")
+                        "for GPUs/TPUs (slow on most CPUs). float64: everything in float64, to check that "
+                        "two runs differ by rounding alone")
     parser.add_argument("--data", help="CIFAR-10 archive, batches directory or image folder "
                         "(default: CIFAR10_PATH, then the data root)")
     parser.add_argument("--data-source", choices=("tarball", "batches", "imagefolder", "tfds"))

@@ -14,15 +14,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig
+from expert_core.config import MERGE_MODES, BlockConfig, ModelConfig, normalisation_table
 
 # Seed preset, batch 128, 2-core AMD EPYC (README "Speed", results/benchmark/): train img/s
 # branches 287 / stacked 186 / aggregated 700. XLA:CPU convolutions are slow, above all their weight
 # gradients; patches + one batched matmul per sample, in cache-sized chunks, wins by far.
 DEFAULT_MERGE = "aggregated"
 
-_MEAN = np.asarray(CIFAR10_MEAN, np.float32)
-_STD = np.asarray(CIFAR10_STD, np.float32)
+_NORMALISED = normalisation_table()
 
 # PyTorch's initialisation, so both frameworks start from the same distributions.
 conv_init = nn.initializers.variance_scaling(2.0, "fan_out", "normal")
@@ -36,8 +35,8 @@ def dense_bias_init(fan_in: int):
 
 
 def to_model_input(images) -> jax.Array:
-    """uint8 NHWC images -> normalised float32 NHWC, as ((x / 255) - mean) / std."""
-    return (jnp.asarray(images).astype(jnp.float32) / 255 - _MEAN) / _STD
+    """uint8 NHWC images -> float32 NHWC, ((x / 255) - mean) / std looked up per value."""
+    return jnp.asarray(_NORMALISED)[jnp.asarray(images), jnp.arange(3)]
 
 
 def check_merge(merge: str) -> str:
@@ -151,8 +150,9 @@ def max_pool_2x2(x):
 
 
 def in_dtype(compute, dtype, *operands):
-    """Run `compute` on the operands cast to `dtype` and hand back float32 (BatchNorm's input)."""
-    return compute(*(o.astype(dtype) for o in operands)).astype(jnp.float32)
+    """Run `compute` on the operands cast to `dtype` and hand back at least float32 (BatchNorm's input):
+    bfloat16 convolutions feed a float32 BatchNorm, parity's float64 ones a float64 BatchNorm."""
+    return compute(*(o.astype(dtype) for o in operands)).astype(jnp.promote_types(dtype, jnp.float32))
 
 
 def merge_branches(x, kernels, attention):

@@ -43,7 +43,8 @@ class TrainState(train_state.TrainState):
 
 def create_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
     def schedule(count):
-        return schedules.learning_rate(count, config, steps_per_epoch, jnp)
+        # In the default float type: float32, or float64 under jax.enable_x64 (parity's float64 checks).
+        return schedules.learning_rate(jnp.asarray(count, float), config, steps_per_epoch, jnp)
 
     b1, b2 = config.adam_betas
     if config.optimizer == "adamw":
@@ -53,9 +54,11 @@ def create_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.Gradien
                        optax.scale_by_learning_rate(schedule))
 
 
-def create_train_state(model: ExpertCNN, config: TrainConfig, steps_per_epoch: int, key: jax.Array) -> TrainState:
+def create_train_state(model: ExpertCNN, config: TrainConfig, steps_per_epoch: int, key: jax.Array,
+                       param_dtype=jnp.float32) -> TrainState:
     init_key, train_key = jax.random.split(key)
     variables = model.init(init_key, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+    variables = jax.tree.map(lambda v: v.astype(param_dtype), variables)
     state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                               batch_stats=variables["batch_stats"], key=train_key,
                               tx=create_optimizer(config, steps_per_epoch))
@@ -158,10 +161,13 @@ class FlaxBackend:
         self.device = kind if len(mesh_devices) == 1 else f"{len(mesh_devices)} x {kind}"
         self.config = train_config
         self.model_config = model_config
+        if precision == "float64":
+            jax.config.update("jax_enable_x64", True)  # for the whole process: JAX has no float64 without it
         model = ExpertCNN(model_config, merge=merge or DEFAULT_MERGE, compute_dtype=jnp.dtype(precision))
+        param_dtype = jnp.float64 if precision == "float64" else jnp.float32
         # Built uncommitted on a device of this process, then copied to every device of the mesh.
         with jax.default_device(jax.local_devices(backend=first.platform)[0]):
-            state = create_train_state(model, train_config, steps_per_epoch, jax.random.PRNGKey(seed))
+            state = create_train_state(model, train_config, steps_per_epoch, jax.random.PRNGKey(seed), param_dtype)
         self.state = jax.device_put(state, self.replicated)
 
     @classmethod

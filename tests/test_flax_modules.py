@@ -6,7 +6,7 @@ import numpy as np
 import optax
 import pytest
 
-from expert_core.config import MERGE_MODES, BlockConfig, ModelConfig
+from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig
 from expert_core.portable import canonical_shapes, flax_to_canonical
 from flax_expert import model as flax_model
 from flax_expert.model import BatchNorm, ExpertCNN, batch_chunk, to_model_input
@@ -162,8 +162,9 @@ def test_temperature_flattens_attention_and_one_is_the_plain_softmax():
 
 
 def test_model_input_is_normalised_uint8():
-    x = np.full((1, 2, 2, 3), 255, np.uint8)
-    from expert_core.config import CIFAR10_MEAN, CIFAR10_STD
-
-    expected = (1 - np.array(CIFAR10_MEAN, np.float32)) / np.array(CIFAR10_STD, np.float32)
-    np.testing.assert_allclose(to_model_input(x)[0, 0, 0], expected, rtol=1e-6)
+    images = np.random.default_rng(0).integers(0, 256, (2, 5, 4, 3), dtype=np.uint8)
+    # The float64 formula rounded once: the closest float32 to the exact value.
+    expected = ((images / 255 - np.asarray(CIFAR10_MEAN)) / np.asarray(CIFAR10_STD)).astype(np.float32)
+    x = to_model_input(images)
+    assert x.dtype == jnp.float32
+    np.testing.assert_array_equal(x, expected)

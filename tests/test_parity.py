@@ -12,9 +12,11 @@ from hypothesis import strategies as st
 from expert_core.config import BlockConfig, ModelConfig, get_preset
 from expert_core.portable import PortingError, canonical_shapes, load_portable, save_portable
 from flax_expert.model import ExpertCNN as FlaxExpertCNN
-from parity.checks import GRADIENT_TOLERANCE, Pair, run_all
+from flax_expert.model import to_model_input as flax_to_model_input
+from parity.checks import GRADIENT_TOLERANCE, Pair, eval_checks, gradient_checks, run_all, train_mode_checks
 from parity.convert import (canonical_to_torch, port_flax_to_torch, port_torch_to_flax, torch_to_canonical)
 from torch_reference.model import ExpertCNN as TorchExpertCNN
+from torch_reference.model import to_model_input as torch_to_model_input
 
 SMALL = ModelConfig(stem_channels=8, blocks=(BlockConfig(12), BlockConfig(12, pool=False, residual=True)),
                     num_experts=3, reduction=2, temperature=2.0, classifier_hidden=16, dropout=0.3)
@@ -30,6 +32,14 @@ def flax_variables(config, seed=0):
 def test_canonical_names_are_the_torch_state_dict():
     state = TorchExpertCNN(SMALL).state_dict()
     assert {k: tuple(v.shape) for k, v in state.items()} == canonical_shapes(SMALL)
+
+
+def test_both_frameworks_feed_bit_identical_inputs():
+    """Every uint8 value of every channel, eager and under jit: the first layer sees the same bits."""
+    images = np.repeat(np.arange(256, dtype=np.uint8), 3).reshape(1, 16, 16, 3)
+    from_torch = torch_to_model_input(images).permute(0, 2, 3, 1).numpy()
+    np.testing.assert_array_equal(from_torch, flax_to_model_input(images))
+    np.testing.assert_array_equal(from_torch, jax.jit(flax_to_model_input)(images))
 
 
 def test_round_trips_are_bit_exact():
@@ -143,8 +153,6 @@ DRAWN_GRADIENT_TOLERANCE = 2 * GRADIENT_TOLERANCE
 def test_parity_holds_for_drawn_configs(config, cifar10_small):
     images, labels = cifar10_small
     pair = Pair.from_torch(config, seed=1)
-    from parity.checks import eval_checks, gradient_checks, train_mode_checks
-
     rows = eval_checks(pair, images, config.temperature) + train_mode_checks(pair, images, config.temperature)
     gradients = gradient_checks(pair, images[:16], labels[:16], config.temperature, SEED_RECIPE.label_smoothing)
     rows += [dataclasses.replace(row, tolerance=DRAWN_GRADIENT_TOLERANCE) for row in gradients]

@@ -78,7 +78,7 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        x = x.float()  # statistics in float32, also under bfloat16 autocast
+        x = x.to(torch.promote_types(x.dtype, torch.float32))  # statistics in float32 under bfloat16 autocast
         count = x.numel() // x.shape[1] * dist.get_world_size()
         mean = _all_reduce_sum(x.sum((0, 2, 3))) / count
         centred = x - mean.view(1, -1, 1, 1)

@@ -12,25 +12,24 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig
+from expert_core.config import MERGE_MODES, BlockConfig, ModelConfig, normalisation_table
 
 # Seed preset, batch 128, 2 threads, 2-core AMD EPYC (README "Speed", results/benchmark/): train img/s
 # branches 450-475 / stacked 358-430 / aggregated 678-821. Aggregated does 1x instead of K x the conv FLOPs.
 DEFAULT_MERGE = "aggregated"
 
-_MEAN = torch.tensor(CIFAR10_MEAN, dtype=torch.float32).view(1, 3, 1, 1)
-_STD = torch.tensor(CIFAR10_STD, dtype=torch.float32).view(1, 3, 1, 1)
+_NORMALISED = torch.from_numpy(normalisation_table())
 
 
 def to_model_input(images) -> torch.Tensor:
-    """uint8 NHWC images (numpy or tensor) -> float32 NCHW, as ((x.float() / 255) - mean) / std."""
+    """uint8 NHWC images (numpy or tensor) -> float32 NCHW, ((x / 255) - mean) / std looked up per value."""
     # torch.tensor copies: batches may come from read-only memory maps, which torch cannot wrap.
     x = images if isinstance(images, torch.Tensor) else torch.tensor(np.asarray(images))
     if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
         raise ValueError(f"expected uint8 images of shape (N, H, W, 3), found {x.dtype} of shape "
                          f"{tuple(x.shape)}; pass the raw uint8 NHWC batch, not a normalised or NCHW one.")
-    x = x.permute(0, 3, 1, 2).contiguous()  # contiguous NCHW, not a channels-last view
-    return ((x.float() / 255) - _MEAN.to(x.device)) / _STD.to(x.device)
+    x = _NORMALISED.to(x.device)[x.long(), torch.arange(3, device=x.device)]
+    return x.permute(0, 3, 1, 2).contiguous()  # contiguous NCHW, not a channels-last view
 
 
 def check_merge(merge: str) -> str:
@@ -160,7 +159,8 @@ class ExpertCNN(nn.Module):
     def forward(self, x, temperature: float | None = None, return_attention: bool = False):
         """Logits (N, classes), plus the per-block attention (N, K) list when return_attention."""
         temperature = self.config.temperature if temperature is None else temperature
-        x = self.stem(x)
+        # The usual float32 batch meets a .double() model (parity's float64 checks) in float64.
+        x = self.stem(x.to(self.stem.conv.weight.dtype))
         attention = []
         for block in self.blocks:
             x, a = block(x, temperature)

@@ -69,7 +69,8 @@ class TorchBackend:
         self.config = train_config
         self.seed = seed
         torch.manual_seed(seed)
-        self.model = ExpertCNN(model_config, merge or DEFAULT_MERGE).to(self.torch_device)
+        dtype = torch.float64 if precision == "float64" else torch.float32
+        self.model = ExpertCNN(model_config, merge or DEFAULT_MERGE).to(self.torch_device, dtype)
         self.trained = self.model  # what a training step calls: the model itself, or its DDP wrapper
         if self.world.size > 1:
             distributed.join_process_group(self.torch_device)
@@ -98,7 +99,9 @@ class TorchBackend:
         y = torch.as_tensor(labels, dtype=torch.long, device=self.torch_device)
         with self.autocast:
             logits = self.trained(x, temperature=temperature)
-        loss = smoothed_cross_entropy(logits.float(), y, self.config.label_smoothing)
+        # bfloat16 logits (autocast) get a float32 loss; float64 ones (parity) keep theirs.
+        loss = smoothed_cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y,
+                                      self.config.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients over the processes here
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters()
