@@ -96,26 +96,31 @@ def extract_patches(x, k: int):
 
 
 # A whole batch's patches (151 MB for 128 images at 32x32x32) stream through memory at XLA:CPU's
-# copy speed, which made them most of the train step; a few images' patches stay in cache.
-PATCH_CHUNK_ELEMENTS = 1_500_000
+# copy speed, which made them most of the train step; a few images' patches, outputs and kernels
+# (about 6 MB) stay in cache.
+CHUNK_ELEMENTS = 1_500_000
+# Fewer images than this make the per-image matmuls too small: on every block shape of the seed and
+# fast presets, chunks of 2 ran slower than chunks of 4 (forward + backward, 8-30 %).
+MIN_CHUNK_IMAGES = 4
 
 
-def batch_chunk(n: int, patch_elements_per_image: int) -> int:
-    """Images per chunk: the largest divisor of n whose patches fit the budget; all n off the CPU."""
+def batch_chunk(n: int, elements_per_image: int) -> int:
+    """Images per chunk: the largest divisor of n within the element budget (or MIN_CHUNK_IMAGES,
+    when more); all n off the CPU."""
     if jax.default_backend() != "cpu":
         return n
-    limit = max(1, PATCH_CHUNK_ELEMENTS // patch_elements_per_image)
+    limit = max(MIN_CHUNK_IMAGES, CHUNK_ELEMENTS // elements_per_image)
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
-def in_batch_chunks(compute, patch_elements_per_image: int, *batched):
+def in_batch_chunks(compute, elements_per_image: int, *batched):
     """compute(*batched) for a per-image computation, run chunk by chunk over the batch (lax.map).
 
     Each chunk is rematerialised in the backward pass (jax.checkpoint): storing every chunk's
     patches for the gradient would bring back the whole-batch tensor this avoids.
     """
     n = batched[0].shape[0]
-    chunk = batch_chunk(n, patch_elements_per_image)
+    chunk = batch_chunk(n, elements_per_image)
     if chunk == n:
         return compute(*batched)
     chunks = [b.reshape(n // chunk, chunk, *b.shape[1:]) for b in batched]
@@ -123,8 +128,11 @@ def in_batch_chunks(compute, patch_elements_per_image: int, *batched):
     return y.reshape(n, *y.shape[2:])
 
 
-def patch_elements(x, k: int) -> int:
-    return x.shape[1] * x.shape[2] * k * k * x.shape[3]
+def image_elements(x, k: int, c_out: int, own_kernel: bool) -> int:
+    """What one image brings to a chunk: its patches and output, and its kernel if it has its own
+    (the aggregated merge; seed preset, block 2: 74 K kernel elements against 37 K of patches)."""
+    h, w, c = x.shape[1:]
+    return h * w * (k * k * c + c_out) + (k * k * c * c_out if own_kernel else 0)
 
 
 def conv2d_as_matmul(x, kernel):
@@ -135,7 +143,7 @@ def conv2d_as_matmul(x, kernel):
         n, h, w, _ = x.shape
         return (extract_patches(x, k) @ kernel.reshape(-1, c_out)).reshape(n, h, w, c_out)
 
-    return in_batch_chunks(compute, patch_elements(x, k), x)
+    return in_batch_chunks(compute, image_elements(x, k, c_out, own_kernel=False), x)
 
 
 def max_pool_2x2(x):
@@ -175,7 +183,7 @@ def merge_aggregated(x, kernels, attention):
         per_sample = (attention @ kernels.reshape(experts, -1)).reshape(n, k * k * c_in, c_out)
         return jnp.einsum("npq,nqo->npo", extract_patches(x, k), per_sample).reshape(n, h, w, c_out)
 
-    return in_batch_chunks(compute, patch_elements(x, k), x, attention)
+    return in_batch_chunks(compute, image_elements(x, k, c_out, own_kernel=True), x, attention)
 
 
 MERGES = {"branches": merge_branches, "stacked": merge_stacked, "aggregated": merge_aggregated}

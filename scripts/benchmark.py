@@ -3,7 +3,10 @@
     python scripts/benchmark.py                                # seed preset, batch 128, all merges
     python scripts/benchmark.py --presets seed tiny --batch-size 256 --json bench.json
 
-Same config, same batch, float32, after warm-up; each figure is the median of repeated timings.
+Same config, same batch, float32, after warm-up; each figure is the median of repeated timings,
+taken in several fresh processes (`--processes`) that alternate between the frameworks, and the
+median over those processes is reported with its range: on a shared VM one process can run a third
+slower than the next for reasons outside it.
 The train step is the one training runs: the preset's augmentation (on the device inside the jitted
 step for Flax, in numpy on the host for PyTorch), forward, backward and update. JAX compile time is
 reported apart. GFLOP/s counts the model's useful multiply-adds (one conv per block, as the
@@ -144,6 +147,8 @@ def main(argv=None) -> int:
     parser.add_argument("--merges", nargs="+", default=list(MERGE_MODES), choices=MERGE_MODES)
     parser.add_argument("--frameworks", nargs="+", default=["flax", "torch"], choices=("flax", "torch"))
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per figure (median)")
+    parser.add_argument("--processes", type=int, default=3,
+                        help="fresh processes per figure, alternating the frameworks (median, range shown)")
     parser.add_argument("--json", help="write the table here as JSON")
     args = parser.parse_args(argv)
 
@@ -163,19 +168,14 @@ def main(argv=None) -> int:
         flops = model_flops_per_image(preset.model)
         waits = data_wait(preset, pool, pool_labels, args.batch_size, args.repeats)
         for merge in args.merges:
+            timings = {framework: [] for framework in args.frameworks}
+            for _ in range(args.processes):  # alternating, so that a slow spell of the VM hits both
+                for framework in args.frameworks:
+                    timings[framework].append(
+                        in_fresh_process(runners[framework], preset, merge, images, labels, args.repeats))
             for framework in args.frameworks:
-                timing = in_fresh_process(runners[framework], preset, merge, images, labels, args.repeats)
-                train_ips = args.batch_size / timing["train_seconds"]
-                rows.append({
-                    "preset": name, "framework": framework, "merge": merge, "batch_size": args.batch_size,
-                    "train_images_per_second": round(train_ips, 1),
-                    "eval_images_per_second": round(args.batch_size / timing["eval_seconds"], 1),
-                    "compile_seconds": round(timing["compile_seconds"], 2),
-                    "train_gflops": round(3 * flops * train_ips / 1e9, 1),
-                    "fraction_of_peak": round(3 * flops * train_ips / 1e9 / peak, 3),
-                    "fraction_of_matmul": round(3 * flops * train_ips / 1e9 / ceiling, 3),
-                    "data_wait_fraction": round(waits[framework] / timing["train_seconds"], 3),
-                })
+                rows.append(make_row(name, framework, merge, args.batch_size, timings[framework], flops,
+                                     (peak, ceiling), waits[framework]))
                 print_row(rows[-1])
     for name in args.presets:
         for merge in args.merges:
@@ -183,6 +183,12 @@ def main(argv=None) -> int:
             if len(pair) == 2:
                 ratio = pair["flax"]["train_images_per_second"] / pair["torch"]["train_images_per_second"]
                 print(f"{name} / {merge}: Flax / PyTorch train-step ratio {ratio:.2f}")
+        for framework in args.frameworks:
+            by_merge = {r["merge"]: r["train_images_per_second"] for r in rows
+                        if r["preset"] == name and r["framework"] == framework}
+            if {"branches", "aggregated"} <= by_merge.keys():
+                print(f"{name} / {framework}: aggregated / branches train-step ratio "
+                      f"{by_merge['aggregated'] / by_merge['branches']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "peak_gflops": peak, "peak_formula": peak_formula,
                                                 "matmul_gflops": round(ceiling, 1), "glibc_tunables": tunables,
@@ -190,9 +196,29 @@ def main(argv=None) -> int:
     return 0
 
 
+def make_row(preset: str, framework: str, merge: str, batch: int, timings: list[dict], flops: float,
+             limits: tuple[float, float], data_wait_seconds: float) -> dict:
+    """One table row from the timings of several processes: their median, and each one's figure."""
+    train_seconds = statistics.median(t["train_seconds"] for t in timings)
+    train_ips = batch / train_seconds
+    gflops = 3 * flops * train_ips / 1e9
+    return {
+        "preset": preset, "framework": framework, "merge": merge, "batch_size": batch,
+        "train_images_per_second": round(train_ips, 1),
+        "train_images_per_second_each_process": [round(batch / t["train_seconds"], 1) for t in timings],
+        "eval_images_per_second": round(batch / statistics.median(t["eval_seconds"] for t in timings), 1),
+        "compile_seconds": round(statistics.median(t["compile_seconds"] for t in timings), 2),
+        "train_gflops": round(gflops, 1),
+        "fraction_of_peak": round(gflops / limits[0], 3),
+        "fraction_of_matmul": round(gflops / limits[1], 3),
+        "data_wait_fraction": round(data_wait_seconds / train_seconds, 3),
+    }
+
+
 def print_row(row: dict) -> None:
+    each = row["train_images_per_second_each_process"]
     print(f"{row['preset']:>6} {row['framework']:>5} {row['merge']:>10}: train {row['train_images_per_second']:7.1f} "
-          f"img/s ({row['train_gflops']:5.1f} GFLOP/s, {100 * row['fraction_of_peak']:4.1f}% of peak, "
+          f"img/s [{min(each):.0f}-{max(each):.0f}] ({row['train_gflops']:5.1f} GFLOP/s, {100 * row['fraction_of_peak']:4.1f}% of peak, "
           f"{100 * row['fraction_of_matmul']:4.1f}% of matmul) | eval "
           f"{row['eval_images_per_second']:7.1f} img/s | compile {row['compile_seconds']:5.1f} s | "
           f"data wait {100 * row['data_wait_fraction']:.1f}%", flush=True)

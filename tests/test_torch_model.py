@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig
+from torch_reference import model as torch_model
 from torch_reference.model import ExpertCNN, to_model_input
 
 # Wide enough to exercise every option, small enough to run in milliseconds on 8x8 images.
@@ -79,6 +80,22 @@ def test_the_three_merges_agree_on_the_same_weights(train):
             assert max_relative_difference(reference[2][name], grad) <= 1e-5, f"{merge}: gradient of {name}"
         for name, buffer in buffers.items():
             torch.testing.assert_close(buffer, reference[3][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+# MIXED on 8x8 images holds 1,092 elements an image in block 0 (kernel, input, output), 1,564 in block 1.
+@pytest.mark.parametrize("budget, chunk_sizes", [(1, [1] * 12), (5_000, [4, 2, 3, 3])],
+                         ids=["one-image-chunks", "uneven-chunks"])
+def test_aggregated_merge_in_batch_chunks_equals_the_whole_batch(monkeypatch, budget, chunk_sizes):
+    model, x = make_model(MIXED), make_input(n=6)
+    whole = run_merge(model, "aggregated", x, train=True)
+    seen, conv = [], torch_model._aggregated_conv
+    monkeypatch.setattr(torch_model, "_aggregated_conv", lambda x, *rest: seen.append(len(x)) or conv(x, *rest))
+    monkeypatch.setattr(torch_model, "CPU_CHUNK_ELEMENTS", budget)
+    chunked = run_merge(model, "aggregated", x, train=True)
+    assert seen == chunk_sizes
+    torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
+    for name, grad in chunked[2].items():
+        assert max_relative_difference(whole[2][name], grad) <= 1e-6, f"gradient of {name}"
 
 
 def test_merge_choice_leaves_the_weights_alone():

@@ -50,7 +50,22 @@ def merge_stacked(x, kernels, attention, padding):
     return torch.einsum("nk,nkchw->nchw", attention, y)
 
 
+# Elements per image (its aggregated kernel, input and output) that one grouped conv takes at a time
+# on the CPU: about 6 MB, which stays in cache. The whole batch at once was up to 1.7x slower (seed
+# preset, block 2, forward + backward: 36.8 ms in one call, 21.4 ms in chunks of 16 images).
+CPU_CHUNK_ELEMENTS = 1_500_000
+
+
 def merge_aggregated(x, kernels, attention, padding):
+    per_image = kernels[0].numel() + x[0].numel() + kernels.shape[1] * x[0, 0].numel()
+    size = max(1, CPU_CHUNK_ELEMENTS // per_image) if x.device.type == "cpu" else len(x)
+    if size >= len(x):
+        return _aggregated_conv(x, kernels, attention, padding)
+    return torch.cat([_aggregated_conv(x_part, kernels, a_part, padding)
+                      for x_part, a_part in zip(x.split(size), attention.split(size))])
+
+
+def _aggregated_conv(x, kernels, attention, padding):
     # Samples become groups of one grouped conv, so each sample meets its own kernel in one call.
     n, c = x.shape[:2]
     per_sample = torch.einsum("nk,koihw->noihw", attention, kernels)

@@ -1,0 +1,27 @@
+"""The benchmark script runs end to end and writes what its table shows."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.slow
+def test_benchmark_measures_both_frameworks_and_both_ratios(tmp_path):
+    out = tmp_path / "bench.json"
+    result = subprocess.run([sys.executable, "scripts/benchmark.py", "--presets", "tiny", "--merges", "branches",
+                             "aggregated", "--batch-size", "16", "--repeats", "1", "--processes", "1",
+                             "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert {(r["framework"], r["merge"]) for r in rows} == {(f, m) for f in ("flax", "torch")
+                                                           for m in ("branches", "aggregated")}
+    for row in rows:
+        assert len(row["train_images_per_second_each_process"]) == 1
+        assert row["train_images_per_second"] > 0 and row["eval_images_per_second"] > 0
+    assert "tiny / aggregated: Flax / PyTorch train-step ratio" in result.stdout
+    assert "tiny / torch: aggregated / branches train-step ratio" in result.stdout
