@@ -41,6 +41,11 @@ MERGE_MODES = ("branches", "stacked", "aggregated")
 PRECISIONS = ("float32", "bfloat16", "float64")
 
 
+def parameter_dtype(precision: str) -> str:
+    """The dtype parameters, BatchNorm statistics and optimiser state are kept in at a precision."""
+    return "float64" if precision == "float64" else "float32"
+
+
 @dataclass(frozen=True)
 class BlockConfig:
     """One expert block: its output width, and whether it max-pools or adds a residual."""

@@ -28,7 +28,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from expert_core import portable, schedules
-from expert_core.config import AugmentConfig, ModelConfig, TrainConfig
+from expert_core.config import AugmentConfig, ModelConfig, TrainConfig, parameter_dtype
 from expert_core.training import Predictions, TrainingError
 from flax_expert.augment import augment_batch
 from flax_expert.model import DEFAULT_MERGE, ExpertCNN, to_model_input
@@ -164,10 +164,10 @@ class FlaxBackend:
         if precision == "float64":
             jax.config.update("jax_enable_x64", True)  # for the whole process: JAX has no float64 without it
         model = ExpertCNN(model_config, merge=merge or DEFAULT_MERGE, compute_dtype=jnp.dtype(precision))
-        param_dtype = jnp.float64 if precision == "float64" else jnp.float32
         # Built uncommitted on a device of this process, then copied to every device of the mesh.
         with jax.default_device(jax.local_devices(backend=first.platform)[0]):
-            state = create_train_state(model, train_config, steps_per_epoch, jax.random.PRNGKey(seed), param_dtype)
+            state = create_train_state(model, train_config, steps_per_epoch, jax.random.PRNGKey(seed),
+                                       jnp.dtype(parameter_dtype(precision)))
         self.state = jax.device_put(state, self.replicated)
 
     @classmethod

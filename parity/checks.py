@@ -172,9 +172,8 @@ def train_both(pair: Pair, train_config: TrainConfig, batches, steps_per_epoch: 
     Float64 needs `jax.enable_x64` around the call, and around any later use of the returned pair.
     """
     torch_backend = torch_train.TorchBackend(pair.config, train_config, steps_per_epoch=steps_per_epoch,
-                                             seed=0, device="cpu")
+                                             seed=0, device="cpu", precision=dtype)
     torch_backend.model.load_state_dict(pair.torch_net.state_dict())
-    torch_backend.model.to(getattr(torch, dtype))  # in place: the optimiser keeps the same parameters
     variables = jax.tree.map(lambda a: jnp.asarray(a, dtype), pair.variables)
     flax_net = pair.flax_net.clone(compute_dtype=jnp.dtype(dtype))
     tx = flax_train.create_optimizer(train_config, steps_per_epoch)

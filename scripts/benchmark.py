@@ -218,7 +218,8 @@ def make_row(preset: str, framework: str, merge: str, batch: int, timings: list[
 def print_row(row: dict) -> None:
     each = row["train_images_per_second_each_process"]
     print(f"{row['preset']:>6} {row['framework']:>5} {row['merge']:>10}: train {row['train_images_per_second']:7.1f} "
-          f"img/s [{min(each):.0f}-{max(each):.0f}] ({row['train_gflops']:5.1f} GFLOP/s, {100 * row['fraction_of_peak']:4.1f}% of peak, "
+          f"img/s [{min(each):.0f}-{max(each):.0f}] ({row['train_gflops']:5.1f} GFLOP/s, "
+          f"{100 * row['fraction_of_peak']:4.1f}% of peak, "
           f"{100 * row['fraction_of_matmul']:4.1f}% of matmul) | eval "
           f"{row['eval_images_per_second']:7.1f} img/s | compile {row['compile_seconds']:5.1f} s | "
           f"data wait {100 * row['data_wait_fraction']:.1f}%", flush=True)

@@ -32,6 +32,11 @@ def to_model_input(images) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).contiguous()  # contiguous NCHW, not a channels-last view
 
 
+def at_least_float32(x: torch.Tensor) -> torch.Tensor:
+    """bfloat16 (autocast) -> float32 for statistics and the loss; float32 and float64 stay as they are."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
 def check_merge(merge: str) -> str:
     if merge not in MERGE_MODES:
         raise ValueError(f"merge must be one of {MERGE_MODES}, found {merge!r}; pick one of those.")

@@ -21,10 +21,10 @@ import torch.nn.functional as F
 
 from data.augment import AugmentParams, apply_augmentation, draw_augment_params
 from expert_core import schedules
-from expert_core.config import ModelConfig, TrainConfig
+from expert_core.config import ModelConfig, TrainConfig, parameter_dtype
 from expert_core.training import Predictions, TrainingError, augment_rng
 from torch_reference import distributed
-from torch_reference.model import DEFAULT_MERGE, ExpertCNN, to_model_input
+from torch_reference.model import DEFAULT_MERGE, ExpertCNN, at_least_float32, to_model_input
 
 EVAL_BATCH = 500
 
@@ -69,8 +69,8 @@ class TorchBackend:
         self.config = train_config
         self.seed = seed
         torch.manual_seed(seed)
-        dtype = torch.float64 if precision == "float64" else torch.float32
-        self.model = ExpertCNN(model_config, merge or DEFAULT_MERGE).to(self.torch_device, dtype)
+        self.model = ExpertCNN(model_config, merge or DEFAULT_MERGE).to(self.torch_device,
+                                                                        getattr(torch, parameter_dtype(precision)))
         self.trained = self.model  # what a training step calls: the model itself, or its DDP wrapper
         if self.world.size > 1:
             distributed.join_process_group(self.torch_device)
@@ -99,9 +99,7 @@ class TorchBackend:
         y = torch.as_tensor(labels, dtype=torch.long, device=self.torch_device)
         with self.autocast:
             logits = self.trained(x, temperature=temperature)
-        # bfloat16 logits (autocast) get a float32 loss; float64 ones (parity) keep theirs.
-        loss = smoothed_cross_entropy(logits.to(torch.promote_types(logits.dtype, torch.float32)), y,
-                                      self.config.label_smoothing)
+        loss = smoothed_cross_entropy(at_least_float32(logits), y, self.config.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients over the processes here
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters()
