@@ -161,15 +161,18 @@ PRESETS: dict[str, Preset] = {
     ),
     "fast": Preset(
         "fast",
-        ModelConfig(stem_channels=32, blocks=(BlockConfig(64), BlockConfig(128),
-                                              BlockConfig(128, pool=False, residual=True), BlockConfig(256))),
-        TrainConfig(epochs=38, batch_size=128, optimizer="adamw", learning_rate=2e-3, weight_decay=0.05,
-                    lr_schedule="onecycle", warmup_fraction=0.2, label_smoothing=0.1,
+        ModelConfig(stem_channels=32, blocks=(
+            BlockConfig(64), BlockConfig(64, pool=False, residual=True),
+            BlockConfig(256), BlockConfig(256, pool=False, residual=True),
+            BlockConfig(256), BlockConfig(256, pool=False, residual=True))),
+        TrainConfig(epochs=18, batch_size=128, optimizer="adamw", learning_rate=2e-3, weight_decay=0.05,
+                    lr_schedule="onecycle", warmup_fraction=0.2, label_smoothing=0.2,
                     augment=AugmentConfig(brightness=0.0, contrast=0.0, saturation=0.0, rotation_degrees=0.0),
                     test_time_flip=True),
-        "Sized for two hours on a 2-core CPU: stem 32, K=4 expert blocks 64 / 128 / 128 (residual) / 256, "
-        "AdamW 2e-3 (decay 0.05) with a one-cycle schedule, label smoothing 0.1, flip + pad-4 crop only, "
-        "test-time flip, batch 128, 38 epochs.",
+        "Sized for two hours on a 2-core CPU: stem 32, six K=4 expert blocks at airbench's widths, "
+        "64 / 64 (residual) / 256 / 256 (residual) / 256 / 256 (residual), pooling after each width change; "
+        "AdamW 2e-3 (decay 0.05) with a one-cycle schedule, label smoothing 0.2, flip + pad-4 crop only, "
+        "test-time flip, batch 128, 18 epochs.",
     ),
     "tiny": Preset(
         "tiny",
