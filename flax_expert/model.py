@@ -14,12 +14,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from expert_core.config import MERGE_MODES, BlockConfig, ModelConfig, normalisation_table
+from expert_core.config import MERGE_MODES, BlockConfig, ModelConfig, block_merge, normalisation_table
 
-# Seed preset, batch 128, 2-core AMD EPYC (README "Speed", results/benchmark/): train img/s
-# branches 287 / stacked 186 / aggregated 700. XLA:CPU convolutions are slow, above all their weight
-# gradients; patches + one batched matmul per sample, in cache-sized chunks, wins by far.
-DEFAULT_MERGE = "aggregated"
+# XLA:CPU convolutions are slow, above all their weight gradients; patches + one batched matmul per
+# sample, in cache-sized chunks, wins by far wherever "auto" aggregates (expert_core.config.block_merge).
+# README "Speed" and results/benchmark/ have the figures.
+DEFAULT_MERGE = "auto"
 
 _NORMALISED = normalisation_table()
 
@@ -243,7 +243,8 @@ class ExpertBlock(nn.Module):
         attention = ExpertBranch(self.config, name="expert")(x, temperature)
         kernels = self.param("kernels", expert_kernels_init,
                              (self.config.num_experts, k, k, x.shape[-1], self.block.out_channels))
-        y = in_dtype(MERGES[self.merge], self.compute_dtype, x, kernels, attention)
+        merge = MERGES[block_merge(self.merge, *x.shape[1:3])]
+        y = in_dtype(merge, self.compute_dtype, x, kernels, attention)
         y = BatchNorm(self.config.bn_momentum, self.config.bn_eps, name="bn")(y, train)
         if self.block.residual:
             y = y + x

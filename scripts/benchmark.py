@@ -186,9 +186,9 @@ def main(argv=None) -> int:
         for framework in args.frameworks:
             by_merge = {r["merge"]: r["train_images_per_second"] for r in rows
                         if r["preset"] == name and r["framework"] == framework}
-            if {"branches", "aggregated"} <= by_merge.keys():
-                print(f"{name} / {framework}: aggregated / branches train-step ratio "
-                      f"{by_merge['aggregated'] / by_merge['branches']:.2f}")
+            for merge in sorted(by_merge.keys() - {"branches"}) if "branches" in by_merge else []:
+                print(f"{name} / {framework}: {merge} / branches train-step ratio "
+                      f"{by_merge[merge] / by_merge['branches']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "peak_gflops": peak, "peak_formula": peak_formula,
                                                 "matmul_gflops": round(ceiling, 1), "glibc_tunables": tunables,

@@ -1,4 +1,4 @@
-"""The Flax model: shapes, canonical variable names, attention, the three merges, BatchNorm, training."""
+"""The Flax model: shapes, canonical variable names, attention, the merges, BatchNorm, training."""
 
 import jax
 import jax.numpy as jnp
@@ -68,7 +68,7 @@ def loss_and_updates(merge, variables, train):
 
 
 @pytest.mark.parametrize("train", [True, False])
-def test_the_three_merges_agree_with_gradients(train):
+def test_the_merges_agree_with_gradients(train):
     variables = init(MIXED)
     reference, reference_grads = loss_and_updates("branches", variables, train)
     for merge in MERGE_MODES[1:]:
@@ -81,6 +81,19 @@ def test_the_three_merges_agree_with_gradients(train):
         for path, g in jax.tree_util.tree_leaves_with_path(grads):
             ref = _get(reference_grads, path)
             assert float(jnp.abs(g - ref).max() / jnp.abs(ref).max()) <= 1e-5, (merge, path)
+
+
+def test_auto_merge_aggregates_8x8_images_and_stacks_4x4_ones(monkeypatch):
+    config = ModelConfig(stem_channels=4, blocks=(BlockConfig(6), BlockConfig(8)), num_experts=2)
+    x = inputs(size=8)  # block 0 sees 8x8 images, block 1 4x4 ones
+    variables = ExpertCNN(config, "branches").init(jax.random.PRNGKey(0), x, train=False)
+    reference = ExpertCNN(config, "branches").apply(variables, x, train=False)
+    seen = []
+    monkeypatch.setattr(flax_model, "MERGES", {
+        name: (lambda merge, name: lambda *args: seen.append(name) or merge(*args))(merge, name)
+        for name, merge in flax_model.MERGES.items()})
+    np.testing.assert_allclose(ExpertCNN(config, "auto").apply(variables, x, train=False), reference, atol=1e-5)
+    assert seen == ["aggregated", "stacked"]
 
 
 def _get(tree, path):

@@ -1,4 +1,4 @@
-"""The PyTorch reference model: shapes, attention, the three merges, training, temperature, names."""
+"""The PyTorch reference model: shapes, attention, the merges, training, temperature, names."""
 
 import copy
 import dataclasses
@@ -67,10 +67,10 @@ def run_merge(model: ExpertCNN, merge: str, x: torch.Tensor, train: bool):
 
 
 @pytest.mark.parametrize("train", [True, False], ids=["train", "eval"])
-def test_the_three_merges_agree_on_the_same_weights(train):
+def test_the_merges_agree_on_the_same_weights(train):
     model, x = make_model(MIXED), make_input()
     reference = run_merge(model, "branches", x, train)
-    for merge in ("stacked", "aggregated"):
+    for merge in ("stacked", "aggregated", "auto"):
         logits, attention, grads, buffers = run_merge(model, merge, x, train)
         torch.testing.assert_close(logits, reference[0], rtol=1e-5, atol=1e-5)
         for a, a_ref in zip(attention, reference[1]):
@@ -80,6 +80,24 @@ def test_the_three_merges_agree_on_the_same_weights(train):
             assert max_relative_difference(reference[2][name], grad) <= 1e-5, f"{merge}: gradient of {name}"
         for name, buffer in buffers.items():
             torch.testing.assert_close(buffer, reference[3][name], rtol=1e-5, atol=1e-5, msg=name)
+
+
+def recording(seen: list, name: str, merge):
+    return lambda *args: seen.append(name) or merge(*args)
+
+
+def test_auto_merge_aggregates_8x8_images_and_stacks_4x4_ones(monkeypatch):
+    config = ModelConfig(stem_channels=4, blocks=(BlockConfig(6), BlockConfig(8)), num_experts=2)
+    model, x = make_model(config), make_input(size=8)  # block 0 sees 8x8 images, block 1 4x4 ones
+    reference = run_merge(model, "branches", x, train=True)
+    seen = []
+    monkeypatch.setattr(torch_model, "MERGES", {name: recording(seen, name, merge)
+                                                for name, merge in torch_model.MERGES.items()})
+    logits, _, grads, _ = run_merge(model, "auto", x, train=True)
+    assert seen == ["aggregated", "stacked"]
+    torch.testing.assert_close(logits, reference[0], rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        assert max_relative_difference(reference[2][name], grad) <= 1e-5, f"gradient of {name}"
 
 
 # MIXED on 8x8 images holds 1,092 elements an image in block 0 (kernel, input, output), 1,564 in block 1.

@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expert_core.config import MERGE_MODES, BlockConfig, ModelConfig, normalisation_table
+from expert_core.config import MERGE_MODES, BlockConfig, ModelConfig, block_merge, normalisation_table
 
-# Seed preset, batch 128, 2 threads, 2-core AMD EPYC (README "Speed", results/benchmark/): train img/s
-# branches 450-475 / stacked 358-430 / aggregated 678-821. Aggregated does 1x instead of K x the conv FLOPs.
-DEFAULT_MERGE = "aggregated"
+# Aggregated does 1x instead of K x the conv FLOPs; "auto" keeps it where images are large enough
+# (expert_core.config.block_merge). README "Speed" and results/benchmark/ have the figures.
+DEFAULT_MERGE = "auto"
 
 _NORMALISED = torch.from_numpy(normalisation_table())
 
@@ -126,7 +126,8 @@ class ExpertBlock(nn.Module):
 
     def forward(self, x, temperature: float):
         attention = self.expert(x, temperature)
-        y = self.bn(MERGES[self.merge](x, self.kernels, attention, self.padding))
+        merge = MERGES[block_merge(self.merge, *x.shape[2:])]
+        y = self.bn(merge(x, self.kernels, attention, self.padding))
         if self.block.residual:
             y = y + x
         y = F.relu(y)
