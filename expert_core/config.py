@@ -48,6 +48,8 @@ def block_merge(merge: str, height: int, width: int) -> str:
     if merge != "auto":
         return merge
     return "aggregated" if height * width >= AGGREGATE_MIN_PIXELS else "stacked"
+
+
 # "bfloat16": the expert convolutions compute in bf16 from float32 parameters; BatchNorm, the expert
 # branch, the classifier and the loss stay float32. A speed option for accelerators, never for parity.
 # "float64": everything, optimiser state included, in float64: slow, and only for checking that two

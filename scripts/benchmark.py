@@ -186,7 +186,9 @@ def main(argv=None) -> int:
         for framework in args.frameworks:
             by_merge = {r["merge"]: r["train_images_per_second"] for r in rows
                         if r["preset"] == name and r["framework"] == framework}
-            for merge in sorted(by_merge.keys() - {"branches"}) if "branches" in by_merge else []:
+            if "branches" not in by_merge:
+                continue
+            for merge in sorted(by_merge.keys() - {"branches"}):
                 print(f"{name} / {framework}: {merge} / branches train-step ratio "
                       f"{by_merge[merge] / by_merge['branches']:.2f}")
     if args.json:

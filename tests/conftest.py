@@ -6,8 +6,10 @@
 - `cifar10`: the real data set, loaded once per session through `data.load_cifar10()` (which reads
   CIFAR10_PATH); the tests that need it are skipped, with the reason, when CIFAR10_PATH is unset.
 - Tests never touch the network: the archive download is replaced by a function that fails the test.
+- `record_merges`: swaps a model module's MERGES for wrappers that note which merge each block ran.
 """
 
+import functools
 import os
 
 import pytest
@@ -44,3 +46,19 @@ def cifar10(_private_cache):
     from data import load_cifar10
 
     return load_cifar10()
+
+
+def _recorded(seen: list, name: str, merge, *args):
+    seen.append(name)
+    return merge(*args)
+
+
+@pytest.fixture
+def record_merges(monkeypatch):
+    """record_merges(module) -> the list that fills, in call order, with the merge each block runs."""
+    def record(module) -> list[str]:
+        seen = []
+        monkeypatch.setattr(module, "MERGES", {name: functools.partial(_recorded, seen, name, merge)
+                                               for name, merge in module.MERGES.items()})
+        return seen
+    return record

@@ -83,15 +83,12 @@ def test_the_merges_agree_with_gradients(train):
             assert float(jnp.abs(g - ref).max() / jnp.abs(ref).max()) <= 1e-5, (merge, path)
 
 
-def test_auto_merge_aggregates_8x8_images_and_stacks_4x4_ones(monkeypatch):
+def test_auto_merge_aggregates_8x8_images_and_stacks_4x4_ones(record_merges):
     config = ModelConfig(stem_channels=4, blocks=(BlockConfig(6), BlockConfig(8)), num_experts=2)
     x = inputs(size=8)  # block 0 sees 8x8 images, block 1 4x4 ones
     variables = ExpertCNN(config, "branches").init(jax.random.PRNGKey(0), x, train=False)
     reference = ExpertCNN(config, "branches").apply(variables, x, train=False)
-    seen = []
-    monkeypatch.setattr(flax_model, "MERGES", {
-        name: (lambda merge, name: lambda *args: seen.append(name) or merge(*args))(merge, name)
-        for name, merge in flax_model.MERGES.items()})
+    seen = record_merges(flax_model)
     np.testing.assert_allclose(ExpertCNN(config, "auto").apply(variables, x, train=False), reference, atol=1e-5)
     assert seen == ["aggregated", "stacked"]
 

@@ -82,17 +82,11 @@ def test_the_merges_agree_on_the_same_weights(train):
             torch.testing.assert_close(buffer, reference[3][name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def recording(seen: list, name: str, merge):
-    return lambda *args: seen.append(name) or merge(*args)
-
-
-def test_auto_merge_aggregates_8x8_images_and_stacks_4x4_ones(monkeypatch):
+def test_auto_merge_aggregates_8x8_images_and_stacks_4x4_ones(record_merges):
     config = ModelConfig(stem_channels=4, blocks=(BlockConfig(6), BlockConfig(8)), num_experts=2)
     model, x = make_model(config), make_input(size=8)  # block 0 sees 8x8 images, block 1 4x4 ones
     reference = run_merge(model, "branches", x, train=True)
-    seen = []
-    monkeypatch.setattr(torch_model, "MERGES", {name: recording(seen, name, merge)
-                                                for name, merge in torch_model.MERGES.items()})
+    seen = record_merges(torch_model)
     logits, _, grads, _ = run_merge(model, "auto", x, train=True)
     assert seen == ["aggregated", "stacked"]
     torch.testing.assert_close(logits, reference[0], rtol=1e-5, atol=1e-5)
