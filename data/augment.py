@@ -109,3 +109,22 @@ def _rotate(images, angle, xp):
     cols = xp.rint(sin * y + cos * x + cx).astype(xp.int32)
     valid = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
     return _gather(images, rows, cols, valid, xp)
+
+
+def evaluation_views(translate: int) -> tuple[tuple[int, int, float], ...]:
+    """The (dy, dx, weight) views whose weighted logits make a prediction: the image itself and, for
+    `translate` > 0, the image shifted diagonally by +-translate pixels. The unshifted view keeps half
+    the weight: it is the one the model sees most often in training (crop offsets peak at zero shift)."""
+    if translate == 0:
+        return ((0, 0, 1.0),)
+    return ((0, 0, 0.5), (translate, translate, 0.25), (-translate, -translate, 0.25))
+
+
+def translate_images(images, dy: int, dx: int, xp):
+    """Shift a uint8 NHWC batch by (dy, dx) pixels with zero fill: a pad-crop at a fixed offset."""
+    p = max(abs(dy), abs(dx))
+    if p == 0:
+        return images
+    _, h, w, _ = images.shape
+    padded = xp.pad(images, ((0, 0), (p, p), (p, p), (0, 0)))
+    return padded[:, p - dy:p - dy + h, p - dx:p - dx + w]

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from expert_core import checkpoints, plots, runfiles, schedules
-from expert_core.config import CLASS_NAMES, PRESETS, ModelConfig, train_config_from_dict
+from expert_core.config import CLASS_NAMES, PRESETS, ModelConfig, TrainConfig, train_config_from_dict
 from expert_core.files import atomic_write_bytes
 from expert_core.training import PORTABLE_WEIGHTS
 
@@ -382,20 +382,26 @@ def resolve_checkpoint(path) -> Path:
     return latest.path
 
 
-def evaluation_settings(path: Path, config: ModelConfig) -> tuple[float, bool]:
-    """The temperature and test-time flip of the run's own evaluation, so predictions match evaluation.npz."""
+def evaluation_settings(path: Path, config: ModelConfig) -> tuple[float, TrainConfig]:
+    """The temperature and recipe (test-time views) of the run's own final evaluation, so predictions
+    match evaluation.npz. A portable file without its recipe (written before they carried one) is
+    evaluated as its preset now says; one from elsewhere with the model's temperature and no views."""
     if Path(path).suffix == ".safetensors":
         from expert_core.portable import load_portable
 
         extra = load_portable(path)[2]
         preset = PRESETS.get(extra.get("preset"))
-        if preset is None:  # a file from elsewhere: the model config's own temperature, no flip
-            return config.temperature, False
-        train, epochs = preset.train, extra.get("epochs", preset.train.epochs)
+        if "train" in extra:
+            train = train_config_from_dict(extra["train"])
+        elif preset is not None:
+            train = preset.train
+        else:
+            return config.temperature, TrainConfig()
+        epochs = extra.get("epochs", train.epochs)
     else:
         header = checkpoints.read_checkpoint(path).header
         train, epochs = train_config_from_dict(header["run"]["train"]), len(header["history"])
-    return schedules.temperature(epochs - 1, config, train), train.test_time_flip
+    return schedules.temperature(epochs - 1, config, train), train
 
 
 def prediction_record(path: str, logits: np.ndarray, attention: list[np.ndarray], notes: list[str]) -> dict:

@@ -52,7 +52,9 @@ class Backend(Protocol):
         Returns the global batch's (mean loss, number correct, gradient global norm), each convertible
         with float()."""
 
-    def predict(self, images: np.ndarray, temperature: float) -> Predictions: ...
+    def predict(self, images: np.ndarray, temperature: float, translate: int = 0) -> Predictions:
+        """Logits and attention for uint8 NHWC `images`; `translate` > 0 adds the shifted test-time views
+        of data.augment.evaluation_views (the recipe's test_time_flip applies to every view)."""
 
     def state_bytes(self) -> bytes: ...
 
@@ -158,8 +160,10 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
             print(f"epoch {epoch + 1}/{spec.train.epochs}: train loss {row['train_loss']:.4f} "
                   f"acc {row['train_accuracy']:.2f}% | test loss {row['test_loss']:.4f} acc "
                   f"{row['test_accuracy']:.2f}% | {row['images_per_second']:.0f} img/s", flush=True)
-    if predictions is None:  # resumed a finished run: evaluate its final state again
-        predictions = backend.predict(test_x, history[-1]["temperature"])
+    final_start = time.perf_counter()
+    if predictions is None or spec.train.test_time_translate:  # resumed a finished run, or more views
+        predictions = backend.predict(test_x, history[-1]["temperature"], spec.train.test_time_translate)
+    context["final_evaluation_seconds"] = time.perf_counter() - final_start
     if not backend.is_main_process:
         return None  # the main process writes the run files and returns the summary
     return finish(context, history, predictions, test_y)
@@ -293,7 +297,7 @@ def save_epoch(context: dict, history: list[dict]) -> None:
 
 
 def finish(context: dict, history: list[dict], predictions: Predictions, test_y) -> dict:
-    summary = make_summary(context, history, len(test_y))
+    summary = make_summary(context, history, evaluate(predictions, test_y)["test_accuracy"], len(test_y))
     with reporting_write_failures(context["run_dir"], "the final run files"):
         write_final_files(context, history, predictions, test_y)
         runfiles.write_json(context["run_dir"] / runfiles.SUMMARY_FILE, summary)
@@ -312,22 +316,26 @@ def write_final_files(context: dict, history: list[dict], predictions: Predictio
     plots.plot_attention_per_class(per_class, class_names, run_dir / "attention_per_class.png",
                                    f"mean expert attention per class · {title}")
     portable.save_portable(run_dir / PORTABLE_WEIGHTS, backend.canonical_weights(), spec.model,
-                           {"framework": backend.framework, "preset": spec.preset, "epochs": len(history)})
+                           {"framework": backend.framework, "preset": spec.preset, "epochs": len(history),
+                            "train": to_dict(spec.train)})
     runfiles.write_evaluation(run_dir, {"logits": predictions.logits, "labels": test_y,
                                         "test_index": context["test_index"],
                                         **{f"attention_{b}": a for b, a in enumerate(predictions.attention)}})
 
 
-def make_summary(context: dict, history: list[dict], test_examples: int) -> dict:
+def make_summary(context: dict, history: list[dict], test_accuracy: float, test_examples: int) -> dict:
+    """`test_accuracy`: the final evaluation's, with every test-time view; the epochs' (`best_test_accuracy`,
+    `last_epoch_test_accuracy`) leave out the translated ones."""
     spec, backend = context["spec"], context["backend"]
     best = max(history, key=lambda r: r["test_accuracy"])
     step_seconds = sum(r["train_seconds"] for r in history)
     return {
         "framework": backend.framework, "preset": spec.preset, "device": backend.device,
         "cpu": runfiles.cpu_name(), "precision": context["precision"], "epochs": len(history),
-        "test_accuracy": history[-1]["test_accuracy"], "best_test_accuracy": best["test_accuracy"],
-        "best_epoch": best["epoch"],
+        "test_accuracy": test_accuracy, "last_epoch_test_accuracy": history[-1]["test_accuracy"],
+        "best_test_accuracy": best["test_accuracy"], "best_epoch": best["epoch"],
         "train_wall_seconds": round(sum(r["epoch_seconds"] for r in history), 2),
+        "final_evaluation_seconds": round(context["final_evaluation_seconds"], 2),
         "images_per_second": round(sum(r["train_seconds"] * r["images_per_second"] for r in history)
                                    / step_seconds, 1),
         "train_examples": context["steps_per_epoch"] * spec.train.batch_size,

@@ -27,6 +27,7 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from data.augment import evaluation_views, translate_images
 from expert_core import portable, schedules
 from expert_core.config import AugmentConfig, ModelConfig, TrainConfig, parameter_dtype
 from expert_core.training import Predictions, TrainingError
@@ -99,13 +100,19 @@ def augmented_train_step(state: TrainState, images, labels, temperature, augment
                    smoothing)
 
 
-@functools.partial(jax.jit, static_argnames=("test_time_flip",))
-def eval_step(state: TrainState, images, temperature, test_time_flip: bool = False):
+@functools.partial(jax.jit, static_argnames=("test_time_flip", "translate"))
+def eval_step(state: TrainState, images, temperature, test_time_flip: bool = False, translate: int = 0):
+    """Weighted logits over the test-time views; attention of the unshifted image."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    x = to_model_input(images)
-    logits, attention = state.apply_fn(variables, x, train=False, temperature=temperature, return_attention=True)
-    if test_time_flip:
-        logits = (logits + state.apply_fn(variables, x[:, :, ::-1], train=False, temperature=temperature)) / 2
+    logits, attention = 0.0, None
+    for dy, dx, weight in evaluation_views(translate):
+        x = to_model_input(translate_images(images, dy, dx, jnp))
+        view_logits, view_attention = state.apply_fn(variables, x, train=False, temperature=temperature,
+                                                     return_attention=True)
+        if test_time_flip:
+            view_logits = (view_logits + state.apply_fn(variables, x[:, :, ::-1], train=False,
+                                                        temperature=temperature)) / 2
+        logits, attention = logits + weight * view_logits, attention or view_attention
     return logits, attention
 
 
@@ -195,14 +202,14 @@ class FlaxBackend:
         """The global batch split along the mesh; each process copies only its own devices' parts."""
         return jax.make_array_from_callback(batch.shape, self.batch_sharding, lambda index: batch[index])
 
-    def predict(self, images: np.ndarray, temperature: float) -> Predictions:
+    def predict(self, images: np.ndarray, temperature: float, translate: int = 0) -> Predictions:
         devices = self.batch_sharding.num_devices
         size = -(-EVAL_BATCH // devices) * devices  # the shards must be equal
         logits, attention = [], []
         for start in range(0, len(images), size):
             batch = images[start:start + size]
             padded = np.pad(batch, ((0, size - len(batch)), (0, 0), (0, 0), (0, 0)))  # one shape, one compile
-            outputs = eval_step(self.state, self.shard(padded), temperature, self.config.test_time_flip)
+            outputs = eval_step(self.state, self.shard(padded), temperature, self.config.test_time_flip, translate)
             batch_logits, batch_attention = multihost_utils.process_allgather(outputs, tiled=True)
             logits.append(batch_logits[:len(batch)])
             attention.append([a[:len(batch)] for a in batch_attention])

@@ -5,7 +5,7 @@
 
 Loads a training checkpoint of either framework or a portable .safetensors file, ports the
 weights, and prints test accuracy and the number of correct images for each framework asked for,
-evaluating as the run did (its final attention temperature and test-time flip).
+evaluating as the run did (its final attention temperature and test-time views).
 """
 
 from __future__ import annotations
@@ -24,15 +24,15 @@ from parity.convert import canonical_to_torch, load_any_checkpoint
 from torch_reference.train import TorchBackend
 
 
-def predict_torch(tensors, config, images, temperature: float, flip: bool) -> np.ndarray:
-    backend = TorchBackend(config, TrainConfig(test_time_flip=flip), steps_per_epoch=1, seed=0, device="cpu")
+def predict_torch(tensors, config, images, temperature: float, recipe: TrainConfig) -> np.ndarray:
+    backend = TorchBackend(config, recipe, steps_per_epoch=1, seed=0, device="cpu")
     backend.model.load_state_dict(canonical_to_torch(tensors, config))
-    return backend.predict(images, temperature).logits
+    return backend.predict(images, temperature, recipe.test_time_translate).logits
 
 
-def predict_flax(tensors, config, images, temperature: float, flip: bool) -> np.ndarray:
-    return FlaxBackend.from_canonical(tensors, config, TrainConfig(test_time_flip=flip)).predict(
-        images, temperature).logits
+def predict_flax(tensors, config, images, temperature: float, recipe: TrainConfig) -> np.ndarray:
+    return FlaxBackend.from_canonical(tensors, config, recipe).predict(
+        images, temperature, recipe.test_time_translate).logits
 
 
 PREDICTORS = {"torch": predict_torch, "flax": predict_flax}
@@ -47,12 +47,12 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     tensors, config, origin = load_any_checkpoint(args.checkpoint)
-    temperature, flip = evaluation_settings(args.checkpoint, config)  # as the run's own evaluation did
+    temperature, recipe = evaluation_settings(args.checkpoint, config)  # as the run's own evaluation did
     dataset = load_cifar10(args.data)
     frameworks = ("torch", "flax") if args.framework == "both" else (args.framework,)
     results, predictions = {"checkpoint": args.checkpoint, "written_by": origin}, {}
     for framework in frameworks:
-        logits = PREDICTORS[framework](tensors, config, dataset.test_images, temperature, flip)
+        logits = PREDICTORS[framework](tensors, config, dataset.test_images, temperature, recipe)
         predictions[framework] = logits.argmax(1)
         correct = int((predictions[framework] == dataset.test_labels).sum())
         results[framework] = {"correct": correct, "test_accuracy": 100 * correct / len(dataset.test_labels)}

@@ -5,7 +5,7 @@
 
 The checkpoint is a .ckpt from either train script, a portable .safetensors file, or a run directory
 (its weights.safetensors, else its newest checkpoint). The model runs in Flax on the CPU, at the
-temperature and with the test-time flip the run's own evaluation used. A file that cannot be used
+temperature and with the test-time views the run's own evaluation used. A file that cannot be used
 gets its own error and the others are still classified; the exit status is 1 if any file failed.
 """
 
@@ -18,7 +18,6 @@ import sys
 import numpy as np
 
 from expert_core.checkpoints import CheckpointError
-from expert_core.config import TrainConfig
 from expert_core.portable import PortingError
 from expert_core.report import (IMAGE_POLICY, ReportError, evaluation_settings, format_record, prediction_record,
                                 read_image, resolve_checkpoint)
@@ -31,12 +30,12 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="also write every file's result (or error) here as JSON")
     args = parser.parse_args(argv)
     try:
-        backend, temperature, description = load_model(args.checkpoint)
+        backend, temperature, translate, description = load_model(args.checkpoint)
     except (ReportError, CheckpointError, PortingError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(description)
-    records = classify(backend, temperature, args.images)
+    records = classify(backend, temperature, translate, args.images)
     for record in records:
         if record["ok"]:
             print(format_record(record))
@@ -54,13 +53,14 @@ def load_model(checkpoint: str):
 
     path = resolve_checkpoint(checkpoint)
     tensors, config, origin = load_any_checkpoint(path)
-    temperature, flip = evaluation_settings(path, config)
-    backend = FlaxBackend.from_canonical(tensors, config, TrainConfig(test_time_flip=flip))
-    return backend, temperature, (f"{path}: {origin} weights, run in Flax at temperature {temperature:g}, "
-                                  f"test-time flip {'on' if flip else 'off'}")
+    temperature, recipe = evaluation_settings(path, config)
+    backend = FlaxBackend.from_canonical(tensors, config, recipe)
+    return backend, temperature, recipe.test_time_translate, (
+        f"{path}: {origin} weights, run in Flax at temperature {temperature:g}, test-time flip "
+        f"{'on' if recipe.test_time_flip else 'off'}, translate {recipe.test_time_translate} px")
 
 
-def classify(backend, temperature: float, paths: list[str]) -> list[dict]:
+def classify(backend, temperature: float, translate: int, paths: list[str]) -> list[dict]:
     """One record per path, in order: the prediction, or the error that kept the file out."""
     records, images, positions = [], [], []
     for path in paths:
@@ -73,7 +73,7 @@ def classify(backend, temperature: float, paths: list[str]) -> list[dict]:
         records.append({"file": path, "notes": notes})
         images.append(image)
     if images:
-        predictions = backend.predict(np.stack(images), temperature)
+        predictions = backend.predict(np.stack(images), temperature, translate)
         for i, position in enumerate(positions):
             records[position] = prediction_record(paths[position], predictions.logits[i],
                                                   [a[i] for a in predictions.attention], records[position]["notes"])

@@ -8,7 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from data.augment import AugmentParams, apply_augmentation, augment_batch, draw_augment_params
+from data.augment import (AugmentParams, apply_augmentation, augment_batch, draw_augment_params, evaluation_views,
+                          translate_images)
 from expert_core.config import AugmentConfig
 
 OFF = AugmentConfig(flip=False, crop_padding=0, brightness=0, contrast=0, saturation=0, rotation_degrees=0)
@@ -96,3 +97,30 @@ def test_any_batch_keeps_shape_dtype_and_range(n, size, seed, rotation, padding,
     x = images(n, seed % 1000, size)
     out = augment_batch(x, np.random.default_rng(seed), config)
     assert out.shape == x.shape and out.dtype == np.uint8
+
+
+@pytest.mark.parametrize("dy, dx", [(1, 1), (-1, -1), (2, -3)])
+def test_translation_shifts_content_with_zero_fill_like_a_fixed_crop(dy, dx):
+    x = images(4)
+    shifted = translate_images(x, dy, dx, np)
+    padding = max(abs(dy), abs(dx))
+    crop = np.broadcast_to(np.array([padding - dy, padding - dx], np.int32), (4, 2))
+    np.testing.assert_array_equal(shifted, apply_augmentation(x, params(4, crop_offset=crop), padding, np))
+    assert shifted[:, 5 + dy, 7 + dx].tolist() == x[:, 5, 7].tolist()
+
+
+def test_translation_is_the_same_under_jax_and_zero_is_the_identity():
+    import jax.numpy as jnp
+
+    x = images(4)
+    np.testing.assert_array_equal(np.asarray(translate_images(jnp.asarray(x), -1, -1, jnp)),
+                                  translate_images(x, -1, -1, np))
+    assert translate_images(x, 0, 0, np) is x
+
+
+@pytest.mark.parametrize("translate", [0, 1, 2])
+def test_evaluation_views_weigh_to_one_with_the_unshifted_image_first(translate):
+    views = evaluation_views(translate)
+    assert views[0][:2] == (0, 0) and math.isclose(sum(w for _, _, w in views), 1.0)
+    assert {(dy, dx) for dy, dx, _ in views[1:]} == ({(translate, translate), (-translate, -translate)}
+                                                      if translate else set())

@@ -9,14 +9,17 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from expert_core.config import BlockConfig, ModelConfig, get_preset
+from data.augment import translate_images
+from expert_core.config import BlockConfig, ModelConfig, TrainConfig, get_preset
 from expert_core.portable import PortingError, canonical_shapes, load_portable, save_portable
 from flax_expert.model import ExpertCNN as FlaxExpertCNN
 from flax_expert.model import to_model_input as flax_to_model_input
 from parity.checks import GRADIENT_TOLERANCE, Pair, eval_checks, gradient_checks, run_all, train_mode_checks
+from flax_expert.train import FlaxBackend
 from parity.convert import (canonical_to_torch, port_flax_to_torch, port_torch_to_flax, torch_to_canonical)
 from torch_reference.model import ExpertCNN as TorchExpertCNN
 from torch_reference.model import to_model_input as torch_to_model_input
+from torch_reference.train import TorchBackend
 
 SMALL = ModelConfig(stem_channels=8, blocks=(BlockConfig(12), BlockConfig(12, pool=False, residual=True)),
                     num_experts=3, reduction=2, temperature=2.0, classifier_hidden=16, dropout=0.3)
@@ -162,3 +165,19 @@ def test_parity_holds_for_drawn_configs(config, cifar10_small):
 @pytest.fixture(scope="module")
 def cifar10_small(cifar10):
     return cifar10.test_images[:32], cifar10.test_labels[:32]
+
+
+def test_test_time_views_are_the_weighted_shifted_predictions_in_both_frameworks():
+    """translate=1 is 0.5 x the image + 0.25 x each diagonal shift, flipped too, identically in both."""
+    recipe = TrainConfig(test_time_flip=True, test_time_translate=1)
+    torch_backend = TorchBackend(SMALL, recipe, steps_per_epoch=1, seed=0, device="cpu")
+    flax_backend = FlaxBackend.from_canonical(torch_to_canonical(torch_backend.model.state_dict(), SMALL), SMALL,
+                                              recipe)
+    images = np.random.default_rng(0).integers(0, 256, (24, 32, 32, 3), dtype=np.uint8)
+    logits = {}
+    for name, backend in (("torch", torch_backend), ("flax", flax_backend)):
+        logits[name] = backend.predict(images, 2.0, translate=1).logits
+        by_hand = sum(weight * backend.predict(translate_images(images, shift, shift, np), 2.0).logits
+                      for shift, weight in ((0, 0.5), (1, 0.25), (-1, 0.25)))
+        np.testing.assert_allclose(logits[name], by_hand, rtol=1e-5, atol=1e-6, err_msg=name)
+    np.testing.assert_allclose(logits["flax"], logits["torch"], rtol=1e-4, atol=1e-5)

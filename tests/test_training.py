@@ -1,12 +1,14 @@
 """The shared training driver with each framework's backend, on short real runs of the tiny preset."""
 
+import dataclasses
 import json
 
 import numpy as np
 import pytest
 
 from expert_core import checkpoints, runfiles
-from expert_core.config import get_preset
+from expert_core.config import PRESETS, get_preset
+from expert_core.report import evaluation_settings
 from expert_core.training import TrainingError, build_parser, main, run
 
 SHORT = ["--preset", "tiny", "--max-train-examples", "256", "--max-test-examples", "200", "--batch-size", "32"]
@@ -48,6 +50,18 @@ def test_run_writes_every_run_file(framework, tmp_path):
     assert [row["epoch"] for row in history] == [1, 2]
     assert len(history[0]["expert_usage"]) == len(get_preset("tiny").model.blocks)
     assert np.allclose([sum(u) for u in history[0]["expert_usage"]], 1.0, atol=1e-5)
+
+
+def test_final_evaluation_adds_the_translated_views_and_the_weights_remember_them(tmp_path, monkeypatch):
+    tiny = get_preset("tiny")
+    recipe = dataclasses.replace(tiny.train, test_time_flip=True, test_time_translate=1)
+    monkeypatch.setitem(PRESETS, "tiny", dataclasses.replace(tiny, train=recipe))
+    summary = train("flax", tmp_path)
+    saved = np.load(tmp_path / "evaluation.npz")
+    assert summary["test_accuracy"] == 100 * (saved["logits"].argmax(1) == saved["labels"]).mean()
+    assert summary["last_epoch_test_accuracy"] == runfiles.read_metrics(tmp_path)[-1]["test_accuracy"]
+    assert evaluation_settings(tmp_path / "weights.safetensors", tiny.model)[1] == recipe
+    assert summary["final_evaluation_seconds"] > 0
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

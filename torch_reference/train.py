@@ -19,7 +19,8 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.augment import AugmentParams, apply_augmentation, draw_augment_params
+from data.augment import (AugmentParams, apply_augmentation, draw_augment_params, evaluation_views,
+                          translate_images)
 from expert_core import schedules
 from expert_core.config import ModelConfig, TrainConfig, parameter_dtype
 from expert_core.training import Predictions, TrainingError, augment_rng
@@ -112,19 +113,28 @@ class TorchBackend:
         return metrics[0].item() / self.world.size, int(metrics[1].item()), grad_norm.item()
 
     @torch.no_grad()
-    def predict(self, images: np.ndarray, temperature: float) -> Predictions:
+    def predict(self, images: np.ndarray, temperature: float, translate: int = 0) -> Predictions:
         """Every process evaluates all `images` on its own model copy: no collectives, cheap next to training."""
         self.model.eval()
         logits, attention = [], []
         for start in range(0, len(images), EVAL_BATCH):
-            x = to_model_input(images[start:start + EVAL_BATCH]).to(self.torch_device)
-            with self.autocast:
-                batch_logits, batch_attention = self.model(x, temperature=temperature, return_attention=True)
-                if self.config.test_time_flip:
-                    batch_logits = (batch_logits + self.model(x.flip(3), temperature=temperature)) / 2
+            batch_logits, batch_attention = self._predict_batch(images[start:start + EVAL_BATCH], temperature,
+                                                                translate)
             logits.append(batch_logits.float().cpu().numpy())
             attention.append([a.float().cpu().numpy() for a in batch_attention])
         return Predictions(np.concatenate(logits), [np.concatenate(a) for a in zip(*attention)])
+
+    def _predict_batch(self, images: np.ndarray, temperature: float, translate: int):
+        """Weighted logits over the test-time views; attention of the unshifted image."""
+        logits, attention = 0.0, None
+        for dy, dx, weight in evaluation_views(translate):
+            x = to_model_input(translate_images(images, dy, dx, np)).to(self.torch_device)
+            with self.autocast:
+                view_logits, view_attention = self.model(x, temperature=temperature, return_attention=True)
+                if self.config.test_time_flip:
+                    view_logits = (view_logits + self.model(x.flip(3), temperature=temperature)) / 2
+            logits, attention = logits + weight * view_logits, attention or view_attention
+        return logits, attention
 
     def state_bytes(self) -> bytes:
         buffer = io.BytesIO()
