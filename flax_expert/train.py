@@ -96,8 +96,10 @@ def augmented_train_step(state: TrainState, images, labels, temperature, augment
                          smoothing: float):
     """One step that first augments the raw uint8 batch on the device, from the state's key and step."""
     augment_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
-    return _update(state, augment_batch(images, augment_key, augment), labels, temperature, dropout_key,
-                   smoothing)
+    # The barrier makes XLA write the augmented batch once: fused into its consumers (the stem's nine
+    # shifted patch slices) the augmentation's gathers were recomputed for each.
+    augmented = jax.lax.optimization_barrier(augment_batch(images, augment_key, augment))
+    return _update(state, augmented, labels, temperature, dropout_key, smoothing)
 
 
 @functools.partial(jax.jit, static_argnames=("test_time_flip", "translate"))
