@@ -14,8 +14,8 @@ from expert_core.config import BlockConfig, ModelConfig, TrainConfig, get_preset
 from expert_core.portable import PortingError, canonical_shapes, load_portable, save_portable
 from flax_expert.model import ExpertCNN as FlaxExpertCNN
 from flax_expert.model import to_model_input as flax_to_model_input
-from parity.checks import GRADIENT_TOLERANCE, Pair, eval_checks, gradient_checks, run_all, train_mode_checks
 from flax_expert.train import FlaxBackend
+from parity.checks import GRADIENT_TOLERANCE, Pair, eval_checks, gradient_checks, run_all, train_mode_checks
 from parity.convert import (canonical_to_torch, port_flax_to_torch, port_torch_to_flax, torch_to_canonical)
 from torch_reference.model import ExpertCNN as TorchExpertCNN
 from torch_reference.model import to_model_input as torch_to_model_input
