@@ -81,14 +81,17 @@ def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: i
 
 
 def git_commit() -> str:
+    """HEAD (with "-dirty" for uncommitted changes to tracked files); outside a git checkout (an
+    exported copy, a container image) the EXPERT_CNN_GIT_COMMIT variable's value, else "unknown"."""
+    fallback = os.environ.get("EXPERT_CNN_GIT_COMMIT", "unknown")
     try:
         here = Path(__file__).resolve().parent
         out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
         dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
                                capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else fallback
     except OSError:
-        return "unknown"
+        return fallback
 
 
 def cpu_name() -> str:

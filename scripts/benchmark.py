@@ -2,6 +2,7 @@
 
     python scripts/benchmark.py                                # seed preset, batch 128, all merges
     python scripts/benchmark.py --presets seed tiny --batch-size 256 --json bench.json
+    python scripts/benchmark.py --device cuda --presets seed fast --merges auto   # both on the GPU
 
 Same config, same batch, float32, after warm-up; each figure is the median of repeated timings,
 taken in several fresh processes (`--processes`) that alternate between the frameworks, and the
@@ -10,7 +11,8 @@ slower than the next for reasons outside it.
 The train step is the one training runs: the preset's augmentation (on the device inside the jitted
 step for Flax, in numpy on the host for PyTorch), forward, backward and update. JAX compile time is
 reported apart. GFLOP/s counts the model's useful multiply-adds (one conv per block, as the
-aggregated merge computes it) against this CPU's fp32 peak, so the distance to the limit is visible.
+aggregated merge computes it) against this CPU's fp32 peak (on a GPU: a large TF32 matmul's measured
+rate), so the distance to the limit is visible.
 "data wait" is the share of the train step spent preparing the batch on the host (indexing, and for
 PyTorch the numpy augmentation), during which the model computes nothing.
 """
@@ -68,6 +70,32 @@ def matmul_gflops() -> float:
     return 2 * 2048 ** 3 / min(median_seconds(lambda: a @ a, 1) for _ in range(5)) / 1e9
 
 
+def gpu_limits() -> dict:
+    """The GPU's name and an 8192^2 matmul's rate in PyTorch, with TF32 (what both frameworks' float32
+    convolutions use on the GPU by default) and in full float32."""
+    import torch
+
+    a = torch.randn(8192, 8192, device="cuda")
+    rates = {}
+    for tf32 in (True, False):
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.cuda.synchronize()
+        rates[tf32] = 2 * 8192 ** 3 / median_seconds(lambda: (a @ a).sum().item(), 10) / 1e9
+    return {"name": torch.cuda.get_device_name(), "tf32": rates[True], "float32": rates[False]}
+
+
+def measure_limits(device: str) -> dict:
+    """What the achieved GFLOP/s is measured against: the peak (formula on a CPU, a TF32 matmul on a GPU)
+    and a large float32 matmul's rate."""
+    if device == "cuda":
+        gpu = in_fresh_process(gpu_limits)
+        return {"device_name": gpu["name"], "peak_gflops": gpu["tf32"], "matmul_gflops": gpu["float32"],
+                "peak_formula": "an 8192^2 TF32 matmul in PyTorch", "matmul_formula": "an 8192^2 float32 matmul"}
+    peak, formula = cpu_peak_gflops()
+    return {"device_name": cpu_name(), "peak_gflops": peak, "matmul_gflops": matmul_gflops(),
+            "peak_formula": formula, "matmul_formula": "a 2048^2 float32 matmul in numpy"}
+
+
 def in_fresh_process(runner, *args) -> dict:
     # One interpreter per measurement: in one process, JAX's thread pool left over from a Flax
     # measurement halved the PyTorch figure that followed it.
@@ -84,20 +112,20 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_torch(preset, merge, images, labels, repeats):
+def bench_torch(preset, merge, images, labels, repeats, device):
     import torch
 
     from torch_reference.model import to_model_input
     from torch_reference.train import TorchBackend
 
-    backend = TorchBackend(preset.model, preset.train, steps_per_epoch=1000, seed=0, merge=merge, device="cpu")
+    backend = TorchBackend(preset.model, preset.train, steps_per_epoch=1000, seed=0, merge=merge, device=device)
     steps = itertools.count()
-    train = lambda: backend.train_step(images, labels, next(steps), 1.0)  # noqa: E731
+    train = lambda: backend.train_step(images, labels, next(steps), 1.0)  # noqa: E731 (.item() waits for the GPU)
 
     def evaluate():
         backend.model.eval()
         with torch.no_grad():
-            backend.model(to_model_input(images))
+            backend.model(to_model_input(images).to(backend.torch_device)).cpu()  # the copy back waits for the GPU
 
     for _ in range(2):  # warm-up: allocator, oneDNN primitive caches
         train()
@@ -106,12 +134,13 @@ def bench_torch(preset, merge, images, labels, repeats):
             "compile_seconds": 0.0}
 
 
-def bench_flax(preset, merge, images, labels, repeats):
+def bench_flax(preset, merge, images, labels, repeats, device):
     import jax
 
     from flax_expert import train as flax_train
 
-    backend = flax_train.FlaxBackend(preset.model, preset.train, steps_per_epoch=1000, seed=0, merge=merge)
+    backend = flax_train.FlaxBackend(preset.model, preset.train, steps_per_epoch=1000, seed=0, merge=merge,
+                                     device=device)
     steps = itertools.count()
 
     def train():
@@ -149,14 +178,16 @@ def main(argv=None) -> int:
     parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per figure (median)")
     parser.add_argument("--processes", type=int, default=3,
                         help="fresh processes per figure, alternating the frameworks (median, range shown)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
+                        help="where both frameworks run (cuda: the first GPU; GFLOP/s then against its matmul rates)")
     parser.add_argument("--json", help="write the table here as JSON")
     args = parser.parse_args(argv)
 
-    peak, peak_formula = cpu_peak_gflops()
-    ceiling = matmul_gflops()
+    limits = measure_limits(args.device)
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    print(f"CPU: {cpu_name()}; fp32 peak ~{peak:.0f} GFLOP/s ({peak_formula}); "
-          f"a 2048^2 matmul (numpy) runs at {ceiling:.0f} GFLOP/s; GLIBC_TUNABLES={tunables!r}")
+    print(f"{args.device.upper()}: {limits['device_name']} (host CPU: {cpu_name()}); peak ~{limits['peak_gflops']:.0f} "
+          f"GFLOP/s ({limits['peak_formula']}); {limits['matmul_formula']} runs at {limits['matmul_gflops']:.0f} "
+          f"GFLOP/s; GLIBC_TUNABLES={tunables!r}")
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 256, (4 * args.batch_size, 32, 32, 3), dtype=np.uint8)
     pool_labels = rng.integers(0, 10, len(pool))
@@ -172,10 +203,11 @@ def main(argv=None) -> int:
             for _ in range(args.processes):  # alternating, so that a slow spell of the VM hits both
                 for framework in args.frameworks:
                     timings[framework].append(
-                        in_fresh_process(runners[framework], preset, merge, images, labels, args.repeats))
+                        in_fresh_process(runners[framework], preset, merge, images, labels, args.repeats,
+                                         args.device))
             for framework in args.frameworks:
                 rows.append(make_row(name, framework, merge, args.batch_size, timings[framework], flops,
-                                     (peak, ceiling), waits[framework]))
+                                     limits, waits[framework]))
                 print_row(rows[-1])
     for name in args.presets:
         for merge in args.merges:
@@ -192,14 +224,13 @@ def main(argv=None) -> int:
                 print(f"{name} / {framework}: {merge} / branches train-step ratio "
                       f"{by_merge[merge] / by_merge['branches']:.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps({"cpu": cpu_name(), "peak_gflops": peak, "peak_formula": peak_formula,
-                                                "matmul_gflops": round(ceiling, 1), "glibc_tunables": tunables,
-                                                "rows": rows}, indent=2))
+        Path(args.json).write_text(json.dumps({"device": args.device, "cpu": cpu_name(), **limits,
+                                                "glibc_tunables": tunables, "rows": rows}, indent=2))
     return 0
 
 
 def make_row(preset: str, framework: str, merge: str, batch: int, timings: list[dict], flops: float,
-             limits: tuple[float, float], data_wait_seconds: float) -> dict:
+             limits: dict, data_wait_seconds: float) -> dict:
     """One table row from the timings of several processes: their median, and each one's figure."""
     train_seconds = statistics.median(t["train_seconds"] for t in timings)
     train_ips = batch / train_seconds
@@ -211,8 +242,8 @@ def make_row(preset: str, framework: str, merge: str, batch: int, timings: list[
         "eval_images_per_second": round(batch / statistics.median(t["eval_seconds"] for t in timings), 1),
         "compile_seconds": round(statistics.median(t["compile_seconds"] for t in timings), 2),
         "train_gflops": round(gflops, 1),
-        "fraction_of_peak": round(gflops / limits[0], 3),
-        "fraction_of_matmul": round(gflops / limits[1], 3),
+        "fraction_of_peak": round(gflops / limits["peak_gflops"], 3),
+        "fraction_of_matmul": round(gflops / limits["matmul_gflops"], 3),
         "data_wait_fraction": round(data_wait_seconds / train_seconds, 3),
     }
 
