@@ -14,7 +14,10 @@ reported apart. GFLOP/s counts the model's useful multiply-adds (one conv per bl
 aggregated merge computes it) against this CPU's fp32 peak (on a GPU: a large TF32 matmul's measured
 rate), so the distance to the limit is visible.
 "data wait" is the share of the train step spent preparing the batch on the host (indexing, and for
-PyTorch the numpy augmentation), during which the model computes nothing.
+PyTorch the numpy augmentation), during which the model computes nothing. "merges" times the merge
+computation alone, forward and backward, of every expert block of the preset at the batch's shapes:
+what the choice of merge changes, without the stem, BatchNorm, ReLU, pooling and optimiser that every
+merge shares.
 """
 
 from __future__ import annotations
@@ -32,20 +35,28 @@ from pathlib import Path
 import numpy as np
 
 from data.augment import augment_batch
-from expert_core.config import MERGE_MODES, PRESETS, ModelConfig, get_preset
+from expert_core.config import MERGE_MODES, PRESETS, ModelConfig, block_merge, get_preset
 from expert_core.huge_pages import relaunch_with_huge_pages
 from expert_core.runfiles import cpu_name
+
+
+def block_shapes(config: ModelConfig, batch: int) -> list[tuple[int, int, int, int, int]]:
+    """(batch, height, width, in channels, out channels) of each expert block's merge."""
+    size, shapes = 32, []
+    for c_in, block in zip(config.block_in_channels(), config.blocks):
+        shapes.append((batch, size, size, c_in, block.out_channels))
+        size //= 2 if block.pool else 1
+    return shapes
 
 
 def model_flops_per_image(config: ModelConfig) -> float:
     """Multiply-adds x 2 of one forward pass, with each expert block costing one convolution."""
     k2 = config.kernel_size ** 2
-    size, macs = 32, 32 * 32 * k2 * 3 * config.stem_channels
-    for c_in, block in zip(config.block_in_channels(), config.blocks):
+    macs = 32 * 32 * k2 * 3 * config.stem_channels
+    for _, size, _, c_in, c_out in block_shapes(config, 1):
         hidden = config.expert_hidden(c_in)
-        macs += c_in * hidden + hidden * config.num_experts + config.num_experts * k2 * c_in * block.out_channels
-        macs += size * size * k2 * c_in * block.out_channels
-        size //= 2 if block.pool else 1
+        macs += c_in * hidden + hidden * config.num_experts + config.num_experts * k2 * c_in * c_out
+        macs += size * size * k2 * c_in * c_out
     features = config.blocks[-1].out_channels
     if config.classifier_hidden:
         macs += features * config.classifier_hidden
@@ -131,7 +142,32 @@ def bench_torch(preset, merge, images, labels, repeats, device):
         train()
         evaluate()
     return {"train_seconds": median_seconds(train, repeats), "eval_seconds": median_seconds(evaluate, repeats),
+            "merge_seconds": torch_merge_seconds(preset.model, merge, len(images), repeats, backend.torch_device),
             "compile_seconds": 0.0}
+
+
+def torch_merge_seconds(config: ModelConfig, merge: str, batch: int, repeats: int, device) -> float:
+    """Forward and backward of every block's merge alone (x, kernels, attention -> y), random operands."""
+    import torch
+
+    from torch_reference.model import MERGES
+
+    generator, k = torch.Generator().manual_seed(0), config.kernel_size
+    blocks = []
+    for n, h, w, c_in, c_out in block_shapes(config, batch):
+        shapes = ((n, c_in, h, w), (config.num_experts, c_out, c_in, k, k), (n, config.num_experts), (n, c_out, h, w))
+        x, kernels, attention, cotangent = (torch.randn(s, generator=generator).to(device) for s in shapes)
+        operands = [x.requires_grad_(), kernels.requires_grad_(), torch.softmax(attention, 1).requires_grad_()]
+        blocks.append((MERGES[block_merge(merge, h, w)], operands, cotangent))
+
+    def forward_backward():
+        for fn, operands, cotangent in blocks:
+            torch.autograd.grad(fn(*operands, k // 2), operands, cotangent)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    forward_backward()
+    return median_seconds(forward_backward, repeats)
 
 
 def bench_flax(preset, merge, images, labels, repeats, device):
@@ -156,7 +192,37 @@ def bench_flax(preset, merge, images, labels, repeats, device):
     train()
     evaluate()
     return {"train_seconds": median_seconds(train, repeats), "eval_seconds": median_seconds(evaluate, repeats),
+            "merge_seconds": flax_merge_seconds(preset.model, merge, len(images), repeats, backend.replicated),
             "compile_seconds": compile_seconds}
+
+
+def flax_merge_seconds(config: ModelConfig, merge: str, batch: int, repeats: int, sharding) -> float:
+    """Forward and backward of every block's merge alone (x, kernels, attention -> y), random operands."""
+    import jax
+
+    from flax_expert.model import MERGES
+
+    key, k = jax.random.PRNGKey(0), config.kernel_size
+    merges, blocks = [], []
+    for n, h, w, c_in, c_out in block_shapes(config, batch):
+        shapes = ((n, h, w, c_in), (config.num_experts, k, k, c_in, c_out), (n, config.num_experts), (n, h, w, c_out))
+        x, kernels, attention, cotangent = (jax.random.normal(part, s) for part, s in zip(jax.random.split(key, 4), shapes))
+        key = jax.random.fold_in(key, len(blocks))
+        merges.append(MERGES[block_merge(merge, h, w)])
+        blocks.append(((x, kernels, jax.nn.softmax(attention)), cotangent))
+    blocks = jax.device_put(blocks, sharding)
+
+    @jax.jit
+    def forward_backward(blocks):
+        # y is returned too: the gradients of a bilinear merge do not need it, and XLA would drop it.
+        outputs = []
+        for fn, (operands, cotangent) in zip(merges, blocks):
+            y, pullback = jax.vjp(fn, *operands)
+            outputs.append((y, pullback(cotangent)))
+        return outputs
+
+    jax.block_until_ready(forward_backward(blocks))
+    return median_seconds(lambda: jax.block_until_ready(forward_backward(blocks)), repeats)
 
 
 def data_wait(preset, images, labels, batch: int, repeats: int) -> dict:
@@ -216,13 +282,15 @@ def main(argv=None) -> int:
                 ratio = pair["flax"]["train_images_per_second"] / pair["torch"]["train_images_per_second"]
                 print(f"{name} / {merge}: Flax / PyTorch train-step ratio {ratio:.2f}")
         for framework in args.frameworks:
-            by_merge = {r["merge"]: r["train_images_per_second"] for r in rows
-                        if r["preset"] == name and r["framework"] == framework}
+            by_merge = {r["merge"]: r for r in rows if r["preset"] == name and r["framework"] == framework}
             if "branches" not in by_merge:
                 continue
+            branches = by_merge["branches"]
             for merge in sorted(by_merge.keys() - {"branches"}):
+                row = by_merge[merge]
                 print(f"{name} / {framework}: {merge} / branches train-step ratio "
-                      f"{by_merge[merge] / by_merge['branches']:.2f}")
+                      f"{row['train_images_per_second'] / branches['train_images_per_second']:.2f}, "
+                      f"merges alone (forward + backward) {branches['merge_ms'] / row['merge_ms']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": args.device, "cpu": cpu_name(), **limits,
                                                 "glibc_tunables": tunables, "rows": rows}, indent=2))
@@ -241,6 +309,7 @@ def make_row(preset: str, framework: str, merge: str, batch: int, timings: list[
         "train_images_per_second_each_process": [round(batch / t["train_seconds"], 1) for t in timings],
         "eval_images_per_second": round(batch / statistics.median(t["eval_seconds"] for t in timings), 1),
         "compile_seconds": round(statistics.median(t["compile_seconds"] for t in timings), 2),
+        "merge_ms": round(1000 * statistics.median(t["merge_seconds"] for t in timings), 2),
         "train_gflops": round(gflops, 1),
         "fraction_of_peak": round(gflops / limits["peak_gflops"], 3),
         "fraction_of_matmul": round(gflops / limits["matmul_gflops"], 3),
@@ -254,7 +323,8 @@ def print_row(row: dict) -> None:
           f"img/s [{min(each):.0f}-{max(each):.0f}] ({row['train_gflops']:5.1f} GFLOP/s, "
           f"{100 * row['fraction_of_peak']:4.1f}% of peak, "
           f"{100 * row['fraction_of_matmul']:4.1f}% of matmul) | eval "
-          f"{row['eval_images_per_second']:7.1f} img/s | compile {row['compile_seconds']:5.1f} s | "
+          f"{row['eval_images_per_second']:7.1f} img/s | merges {row['merge_ms']:6.1f} ms | "
+          f"compile {row['compile_seconds']:5.1f} s | "
           f"data wait {100 * row['data_wait_fraction']:.1f}%", flush=True)
 
 
