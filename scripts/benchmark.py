@@ -206,8 +206,8 @@ def flax_merge_seconds(config: ModelConfig, merge: str, batch: int, repeats: int
     merges, blocks = [], []
     for n, h, w, c_in, c_out in block_shapes(config, batch):
         shapes = ((n, h, w, c_in), (config.num_experts, k, k, c_in, c_out), (n, config.num_experts), (n, h, w, c_out))
-        x, kernels, attention, cotangent = (jax.random.normal(part, s) for part, s in zip(jax.random.split(key, 4), shapes))
-        key = jax.random.fold_in(key, len(blocks))
+        key, *parts = jax.random.split(key, 5)
+        x, kernels, attention, cotangent = (jax.random.normal(part, s) for part, s in zip(parts, shapes))
         merges.append(MERGES[block_merge(merge, h, w)])
         blocks.append(((x, kernels, jax.nn.softmax(attention)), cotangent))
     blocks = jax.device_put(blocks, sharding)
