@@ -43,6 +43,13 @@ MERGE_MODES = ("branches", "stacked", "aggregated", "auto")
 AGGREGATE_MIN_PIXELS = 64
 
 
+def check_merge(merge: str) -> str:
+    """`merge`, if it names one of MERGE_MODES; a ValueError saying what to pick otherwise."""
+    if merge not in MERGE_MODES:
+        raise ValueError(f"merge must be one of {MERGE_MODES}, got {merge!r}; pick one of those.")
+    return merge
+
+
 def block_merge(merge: str, height: int, width: int) -> str:
     """The merge computation a block runs on height x width images: `merge`, with "auto" resolved."""
     if merge != "auto":

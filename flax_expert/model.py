@@ -14,7 +14,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from expert_core.config import MERGE_MODES, BlockConfig, ModelConfig, block_merge, normalisation_table
+from expert_core.config import BlockConfig, ModelConfig, block_merge, check_merge, normalisation_table
 
 # XLA:CPU convolutions are slow, above all their weight gradients; patches + one batched matmul per
 # sample, in cache-sized chunks, wins by far wherever "auto" aggregates (expert_core.config.block_merge).
@@ -37,12 +37,6 @@ def dense_bias_init(fan_in: int):
 def to_model_input(images) -> jax.Array:
     """uint8 NHWC images -> float32 NHWC, ((x / 255) - mean) / std looked up per value."""
     return jnp.asarray(_NORMALISED)[jnp.asarray(images), jnp.arange(3)]
-
-
-def check_merge(merge: str) -> str:
-    if merge not in MERGE_MODES:
-        raise ValueError(f"merge must be one of {MERGE_MODES}, got {merge!r}; pick one of those.")
-    return merge
 
 
 class BatchNorm(nn.Module):

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expert_core.config import MERGE_MODES, BlockConfig, ModelConfig, block_merge, normalisation_table
+from expert_core.config import BlockConfig, ModelConfig, block_merge, check_merge, normalisation_table
 
 # Aggregated does 1x instead of K x the conv FLOPs; "auto" keeps it where images are large enough
 # (expert_core.config.block_merge). README "Speed" and results/benchmark/ have the figures.
@@ -35,12 +35,6 @@ def to_model_input(images) -> torch.Tensor:
 def at_least_float32(x: torch.Tensor) -> torch.Tensor:
     """bfloat16 (autocast) -> float32 for statistics and the loss; float32 and float64 stay as they are."""
     return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
-def check_merge(merge: str) -> str:
-    if merge not in MERGE_MODES:
-        raise ValueError(f"merge must be one of {MERGE_MODES}, found {merge!r}; pick one of those.")
-    return merge
 
 
 def merge_branches(x, kernels, attention, padding):
