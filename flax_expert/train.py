@@ -82,7 +82,7 @@ def _update(state: TrainState, images, labels, temperature, dropout_key, smoothi
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
     return state, {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
-                   "grad_norm": optax.global_norm(grads)}
+                   "grad_norm": optax.tree.norm(grads)}
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames=("smoothing",))

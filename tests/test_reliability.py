@@ -5,7 +5,6 @@ exact moments); the fuzz tests feed hypothesis-mutated files to every reader of 
 """
 
 import json
-import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -33,10 +32,10 @@ def _needs_data(cifar10):
 def launch(framework, run_dir, *args, kill=None, file_size_limit=None):
     script = [str(ROOT / "tests" / "kill_at.py"), framework, *kill] if kill else \
         [str(ROOT / "scripts" / f"train_{framework}.py")]
-    limit = (lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (file_size_limit, file_size_limit))) \
-        if file_size_limit else None
-    return subprocess.run([sys.executable, *script, *SHORT, "--out", str(run_dir), *args], cwd=ROOT,
-                          capture_output=True, text=True, timeout=600, preexec_fn=limit)
+    limit = [sys.executable, str(ROOT / "tests" / "file_size_limit.py"), str(file_size_limit)] \
+        if file_size_limit else []
+    return subprocess.run([*limit, sys.executable, *script, *SHORT, "--out", str(run_dir), *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
 
 
 def comparable(rows):
