@@ -7,6 +7,7 @@ expert_core.portable: the K expert kernels of a block are one param `blocks_{i}/
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import jax
@@ -39,6 +40,45 @@ def to_model_input(images) -> jax.Array:
     return jnp.asarray(_NORMALISED)[jnp.asarray(images), jnp.arange(3)]
 
 
+def batch_statistics(x):
+    """Per-channel mean and biased variance over N, H and W."""
+    mean = x.mean(axis=(0, 1, 2))
+    return mean, jnp.square(x - mean).mean(axis=(0, 1, 2))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
+def normalise_by_batch(x, scale, bias, epsilon: float):
+    """Train-mode BatchNorm: x normalised by its own batch statistics, then scaled and shifted.
+
+    The gradient is written by hand (`_normalise_by_batch_backward`): autodiff of the forward pass
+    walks the batch-sized tensors once per term. Train step on a 2-core Intel Xeon, both versions
+    alternating in one process: seed 370 -> 341 ms, fast 1956 -> 1856 ms (medians; README "Speed").
+    """
+    mean, var = batch_statistics(x)
+    return (x - mean) * jax.lax.rsqrt(var + epsilon) * scale + bias
+
+
+def _normalise_by_batch_forward(x, scale, bias, epsilon: float):
+    mean, var = batch_statistics(x)
+    inv_std = jax.lax.rsqrt(var + epsilon)
+    return (x - mean) * inv_std * scale + bias, (x, mean, inv_std, scale)
+
+
+def _normalise_by_batch_backward(epsilon: float, residuals, dy):
+    # The textbook gradient, the batch statistics' dependence on x included: two channel sums of one
+    # pass over (dy, x), then one element-wise pass.
+    x, mean, inv_std, scale = residuals
+    normalised = (x - mean) * inv_std
+    dbias = dy.sum(axis=(0, 1, 2))
+    dscale = (dy * normalised).sum(axis=(0, 1, 2))
+    n = x.size // x.shape[-1]
+    dx = (scale * inv_std) * (dy - (dbias + normalised * dscale) / n)
+    return dx, dscale, dbias
+
+
+normalise_by_batch.defvjp(_normalise_by_batch_forward, _normalise_by_batch_backward)
+
+
 class BatchNorm(nn.Module):
     """BatchNorm with PyTorch's conventions, the project's one choice for both frameworks.
 
@@ -57,16 +97,14 @@ class BatchNorm(nn.Module):
         running_var = self.variable("batch_stats", "var", jnp.ones, (channels,), jnp.float32)
         scale = self.param("scale", nn.initializers.ones, (channels,))
         bias = self.param("bias", nn.initializers.zeros, (channels,))
-        if train:
-            mean = x.mean(axis=(0, 1, 2))
-            var = jnp.square(x - mean).mean(axis=(0, 1, 2))
-            if not self.is_initializing():
-                n = x.size // channels
-                running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
-                running_var.value = (1 - self.momentum) * running_var.value + self.momentum * var * (n / (n - 1))
-        else:
-            mean, var = running_mean.value, running_var.value
-        return (x - mean) * jax.lax.rsqrt(var + self.epsilon) * scale + bias
+        if not train:
+            return (x - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon) * scale + bias
+        if not self.is_initializing():
+            mean, var = jax.lax.stop_gradient(batch_statistics(x))
+            n = x.size // channels
+            running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
+            running_var.value = (1 - self.momentum) * running_var.value + self.momentum * var * (n / (n - 1))
+        return normalise_by_batch(x, scale, bias, self.epsilon)
 
 
 def conv2d(x, kernel):

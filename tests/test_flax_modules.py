@@ -136,6 +136,22 @@ def test_batchnorm_running_variance_is_the_unbiased_one():
     np.testing.assert_allclose(np.asarray(y).reshape(n, 3), normalised, atol=1e-4)
 
 
+def test_batchnorm_hand_written_gradient_equals_autodiff_of_the_formula():
+    def formula(x, scale, bias):
+        mean = x.mean(axis=(0, 1, 2))
+        var = jnp.square(x - mean).mean(axis=(0, 1, 2))
+        return (x - mean) / jnp.sqrt(var + 1e-5) * scale + bias
+
+    rng = np.random.default_rng(1)
+    with jax.enable_x64(True):
+        x, dy = rng.normal(2.0, 3.0, (2, 4, 5, 5, 3))
+        scale, bias = rng.normal(1.0, 0.5, (2, 3))
+        _, by_hand = jax.vjp(lambda *a: flax_model.normalise_by_batch(*a, 1e-5), x, scale, bias)
+        _, by_autodiff = jax.vjp(formula, x, scale, bias)
+        for a, b in zip(by_hand(dy), by_autodiff(dy)):
+            np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
+
+
 def test_a_few_adam_steps_reduce_the_loss_on_a_fixed_batch():
     model = ExpertCNN(MIXED)
     variables = init(MIXED)
