@@ -7,6 +7,7 @@ cannot share a dropout mask; everything else is the model exactly as configured.
 from __future__ import annotations
 
 import contextlib
+import copy
 import dataclasses
 import functools
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from torch_reference import train as torch_train
 LOGITS_TOLERANCE = 1e-5
 ATTENTION_TOLERANCE = 1e-6
 GRADIENT_TOLERANCE = 1e-5  # per tensor: max |diff| / max |value|
+FLOAT64_GRADIENT_TOLERANCE = 1e-9
 TRAJECTORY_TOLERANCE = 1e-4
 FLOAT64_TRAJECTORY_TOLERANCE = 1e-9
 
@@ -142,27 +144,55 @@ def train_mode_checks(pair: Pair, images: np.ndarray, temperature: float) -> lis
                   "PyTorch convention: unbiased running variance")]
 
 
-@_exact
-def gradient_checks(pair: Pair, images, labels, temperature: float, smoothing: float) -> list[Check]:
-    with _state_kept(pair.torch_net):
-        pair.torch_net.zero_grad()
-        t_logits, _ = pair.torch_forward(images, True, temperature)
-        torch_train.smoothed_cross_entropy(t_logits, torch.as_tensor(labels), smoothing).backward()
-        t_grads = {k: p.grad.numpy().copy() for k, p in pair.torch_net.named_parameters()}
-        pair.torch_net.zero_grad(set_to_none=True)
+def _gradients(pair: Pair, images, labels, temperature: float, smoothing: float, dtype: str) -> tuple[dict, dict]:
+    """Each framework's gradients of the label-smoothed train-mode loss, canonical names, in `dtype`."""
+    torch_net = copy.deepcopy(pair.torch_net).to(getattr(torch, dtype)).train(True)  # pair's statistics stay
+    t_logits = torch_net(torch_model.to_model_input(images).to(getattr(torch, dtype)), temperature=temperature)
+    torch_train.smoothed_cross_entropy(t_logits, torch.as_tensor(labels), smoothing).backward()
+    t_grads = {k: p.grad.numpy() for k, p in torch_net.named_parameters()}
+
+    flax_net = pair.flax_net.clone(compute_dtype=jnp.dtype(dtype))
+    variables = jax.tree.map(lambda v: jnp.asarray(v, dtype), pair.variables)
+    x = flax_model.to_model_input(jnp.asarray(images)).astype(dtype)
 
     def loss_fn(params):
-        logits, _ = pair.flax_net.apply({**pair.variables, "params": params},
-                                        flax_model.to_model_input(jnp.asarray(images)), train=True,
-                                        temperature=temperature, mutable=["batch_stats"])
+        logits, _ = flax_net.apply({**variables, "params": params}, x, train=True, temperature=temperature,
+                                   mutable=["batch_stats"])
         return flax_train.smoothed_cross_entropy(logits, jnp.asarray(labels), smoothing)
 
-    f_grads = flax_to_canonical({"params": jax.grad(loss_fn)(pair.variables["params"]),
-                                 "batch_stats": pair.variables["batch_stats"]}, pair.config)
-    worst_name, worst = max(((k, _max_diff(t, f_grads[k]) / max(float(np.abs(t).max()), 1e-30))
-                             for k, t in t_grads.items()), key=lambda item: item[1])
-    return [Check("gradients, max |diff| / max |grad| over tensors", worst, GRADIENT_TOLERANCE,
-                  f"worst: {worst_name}; {len(t_grads)} tensors")]
+    f_grads = flax_to_canonical({"params": jax.grad(loss_fn)(variables["params"]),
+                                 "batch_stats": variables["batch_stats"]}, pair.config)
+    return t_grads, f_grads
+
+
+def _worst_relative(reference: dict, other: dict) -> tuple[str, float]:
+    """The tensor where `other` strays furthest from `reference`: max |diff| / max |reference|."""
+    return max(((k, _max_diff(t, other[k]) / max(float(np.abs(t).max()), 1e-30)) for k, t in reference.items()),
+               key=lambda item: item[1])
+
+
+@_exact
+def gradient_checks(pair: Pair, images, labels, temperature: float, smoothing: float,
+                    tolerance: float = GRADIENT_TOLERANCE) -> list[Check]:
+    """Every parameter's gradient in both frameworks, judged as the trajectory is.
+
+    Float64 must agree to 1e-9. Float32 is judged at `tolerance` only where each framework's float32
+    gradients lie within it of its own float64 ones: a max-pool window whose top two values lie within
+    float32 rounding of each other sends its gradient to whichever pixel a framework's rounding
+    favours (seed preset, 32 test images, on a 2-core Intel Xeon: one window of 65,536 in block 2 of
+    PyTorch's float32 pass, which moved every gradient below it by up to 7.6e-3).
+    """
+    with jax.enable_x64(True):
+        t64, f64 = _gradients(pair, images, labels, temperature, smoothing, "float64")
+    t32, f32 = _gradients(pair, images, labels, temperature, smoothing, "float32")
+    (name64, worst64), (name32, worst32) = _worst_relative(t64, f64), _worst_relative(t32, f32)
+    (t_name, t_floor), (f_name, f_floor) = _worst_relative(t64, t32), _worst_relative(f64, f32)
+    judged = max(t_floor, f_floor) <= tolerance
+    quantity = "gradients, max |diff| / max |grad| over tensors"
+    floors = f"float32 vs float64: PyTorch {t_floor:.1e} ({t_name}), Flax {f_floor:.1e} ({f_name})"
+    return [Check(f"{quantity}, float64", worst64, FLOAT64_GRADIENT_TOLERANCE, f"worst: {name64}; {len(t64)} tensors"),
+            Check(f"{quantity}, float32", worst32, tolerance if judged else None,
+                  f"worst: {name32}; {floors}" + ("" if judged else f"; over {tolerance:.0e}, so float64 judges"))]
 
 
 def train_both(pair: Pair, train_config: TrainConfig, batches, steps_per_epoch: int, temperature: float,
