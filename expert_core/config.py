@@ -137,16 +137,22 @@ class AugmentConfig:
     rotation_degrees: float = 15.0
 
 
+# "adam_l2": PyTorch's Adam(weight_decay=w), w * p added to the gradient; "adamw": decoupled decay;
+# "sgd_nesterov": PyTorch's SGD(momentum, nesterov=True, weight_decay=w), w * p added to the gradient.
+OPTIMIZERS = ("adam_l2", "adamw", "sgd_nesterov")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """The training recipe. Defaults are the seed's: L2-coupled Adam, StepLR, label smoothing."""
 
     epochs: int = 240
     batch_size: int = 128
-    optimizer: str = "adam_l2"  # "adam_l2": PyTorch Adam(weight_decay); "adamw": decoupled decay
+    optimizer: str = "adam_l2"  # one of OPTIMIZERS
     learning_rate: float = 1e-3
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
+    momentum: float = 0.9  # sgd_nesterov only
     weight_decay: float = 5e-4
     lr_schedule: str = "step"  # "step": StepLR; "onecycle": linear warm-up then linear decay
     step_size_epochs: int = 30
@@ -162,8 +168,8 @@ class TrainConfig:
     test_time_translate: int = 0
 
     def __post_init__(self):
-        if self.optimizer not in ("adam_l2", "adamw"):
-            raise ValueError(f"optimizer must be 'adam_l2' or 'adamw', got {self.optimizer!r}")
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.lr_schedule not in ("step", "onecycle"):
             raise ValueError(f"lr_schedule must be 'step' or 'onecycle', got {self.lr_schedule!r}")
         if self.test_time_translate < 0:

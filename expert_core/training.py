@@ -19,8 +19,8 @@ from typing import Callable, Protocol
 import numpy as np
 
 from expert_core import checkpoints, plots, portable, runfiles, schedules
-from expert_core.config import (MERGE_MODES, PRECISIONS, ModelConfig, TrainConfig, get_preset, model_config_from_dict,
-                                to_dict, train_config_from_dict, with_overrides, PRESETS)
+from expert_core.config import (MERGE_MODES, OPTIMIZERS, PRECISIONS, PRESETS, ModelConfig, TrainConfig, get_preset,
+                                model_config_from_dict, to_dict, train_config_from_dict, with_overrides)
 
 
 PORTABLE_WEIGHTS = "weights.safetensors"
@@ -88,7 +88,7 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     parser.add_argument("--epochs", type=int, help="default: the preset's")
     parser.add_argument("--batch-size", type=int, help="default: the preset's")
     parser.add_argument("--lr", type=float, help="peak learning rate; default: the preset's")
-    parser.add_argument("--optimizer", choices=("adam_l2", "adamw"), help="default: the preset's")
+    parser.add_argument("--optimizer", choices=OPTIMIZERS, help="default: the preset's")
     parser.add_argument("--merge", choices=MERGE_MODES, help="how the K expert convs are merged; "
                         "default: the fastest for the framework (same numbers either way)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",

@@ -2,7 +2,9 @@
 
 The optimiser is the PyTorch side's, transform for transform: L2-coupled Adam is
 `add_decayed_weights -> scale_by_adam -> scale_by_learning_rate(schedule)` (PyTorch's
-Adam(weight_decay=w) adds w * p to the gradient); `adamw` is Optax's decoupled AdamW. The schedule
+Adam(weight_decay=w) adds w * p to the gradient); `adamw` is Optax's decoupled AdamW; Nesterov SGD is
+`add_decayed_weights -> trace(nesterov) -> scale_by_learning_rate(schedule)`, whose momentum buffer
+starts at the first gradient as PyTorch's SGD does (a zero buffer plus g is g). The schedule
 is expert_core.schedules.learning_rate, the very formula PyTorch's LambdaLR evaluates.
 
 Data parallel over every visible device (or the first `devices`), on one host or several: the
@@ -50,8 +52,11 @@ def create_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.Gradien
     b1, b2 = config.adam_betas
     if config.optimizer == "adamw":
         return optax.adamw(schedule, b1, b2, config.adam_eps, weight_decay=config.weight_decay)
-    return optax.chain(optax.add_decayed_weights(config.weight_decay),
-                       optax.scale_by_adam(b1, b2, config.adam_eps),
+    if config.optimizer == "sgd_nesterov":
+        direction = optax.trace(decay=config.momentum, nesterov=True)
+    else:
+        direction = optax.scale_by_adam(b1, b2, config.adam_eps)
+    return optax.chain(optax.add_decayed_weights(config.weight_decay), direction,
                        optax.scale_by_learning_rate(schedule))
 
 

@@ -10,15 +10,17 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data.augment import translate_images
-from expert_core.config import BlockConfig, ModelConfig, TrainConfig, get_preset
+from expert_core.config import OPTIMIZERS, BlockConfig, ModelConfig, TrainConfig, get_preset
 from expert_core.portable import PortingError, canonical_shapes, load_portable, save_portable
 from flax_expert.model import ExpertCNN as FlaxExpertCNN
 from flax_expert.model import to_model_input as flax_to_model_input
 from flax_expert.train import FlaxBackend
-from parity.checks import GRADIENT_TOLERANCE, Pair, eval_checks, gradient_checks, run_all, train_mode_checks
+from parity.checks import (GRADIENT_TOLERANCE, Pair, eval_checks, gradient_checks, optimizer_checks, run_all,
+                           train_mode_checks)
 from parity.convert import (canonical_to_torch, port_flax_to_torch, port_torch_to_flax, torch_to_canonical)
 from torch_reference.model import ExpertCNN as TorchExpertCNN
 from torch_reference.model import to_model_input as torch_to_model_input
+from torch_reference import train as torch_train
 from torch_reference.train import TorchBackend
 
 SMALL = ModelConfig(stem_channels=8, blocks=(BlockConfig(12), BlockConfig(12, pool=False, residual=True)),
@@ -79,6 +81,20 @@ def test_every_mismatch_is_reported_together():
     message = str(error.value)
     assert "missing: batch_stats/stem/bn/var" in message and "unexpected: params/surplus/kernel" in message
     assert "wrong shape: params/blocks_0/kernels: expected (3, 3, 3, 8, 12), found (3, 3, 3, 8)" in message
+
+
+def test_every_optimiser_takes_the_same_steps_in_both_frameworks():
+    rows = optimizer_checks(SEED_RECIPE)
+    assert len(rows) == 2 * len(OPTIMIZERS)
+    assert_all_pass(rows)
+
+
+def test_optimiser_check_fails_when_one_side_has_another_momentum(monkeypatch):
+    make_optimizer = torch_train.make_optimizer
+    monkeypatch.setattr(torch_train, "make_optimizer", lambda model, recipe, steps_per_epoch: make_optimizer(
+        model, dataclasses.replace(recipe, momentum=0.8, adam_betas=(0.8, 0.999)), steps_per_epoch))
+    rows = optimizer_checks(SEED_RECIPE)
+    assert [r.quantity for r in rows if r.passed] == []
 
 
 def test_portable_file_is_written_and_read_by_both_sides(tmp_path):

@@ -1,7 +1,7 @@
 """PyTorch training: the seed recipe as a `Backend` for the shared driver in expert_core.training.
 
-Adam with L2-coupled weight decay (torch.optim.Adam(weight_decay=w)), or decoupled AdamW when the
-recipe says so; the learning rate per optimiser step comes from expert_core.schedules through
+Adam with L2-coupled weight decay (torch.optim.Adam(weight_decay=w)), decoupled AdamW or Nesterov SGD
+(torch.optim.SGD(momentum, nesterov=True, weight_decay=w)), as the recipe says; the learning rate per optimiser step comes from expert_core.schedules through
 LambdaLR, so StepLR here is exactly the staircase the Flax side computes.
 
 Under `torchrun --nproc_per_node N` it trains data-parallel (torch_reference.distributed): every
@@ -42,9 +42,13 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
 
 
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, steps_per_epoch: int):
-    kind = torch.optim.Adam if config.optimizer == "adam_l2" else torch.optim.AdamW
-    optimizer = kind(model.parameters(), lr=config.learning_rate, betas=config.adam_betas,
-                     eps=config.adam_eps, weight_decay=config.weight_decay)
+    if config.optimizer == "sgd_nesterov":
+        optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
+                                    nesterov=True, weight_decay=config.weight_decay)
+    else:
+        kind = torch.optim.Adam if config.optimizer == "adam_l2" else torch.optim.AdamW
+        optimizer = kind(model.parameters(), lr=config.learning_rate, betas=config.adam_betas,
+                         eps=config.adam_eps, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: float(schedules.learning_rate(step, config, steps_per_epoch)) / config.learning_rate)
     return optimizer, scheduler
