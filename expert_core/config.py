@@ -140,6 +140,8 @@ class AugmentConfig:
 # "adam_l2": PyTorch's Adam(weight_decay=w), w * p added to the gradient; "adamw": decoupled decay;
 # "sgd_nesterov": PyTorch's SGD(momentum, nesterov=True, weight_decay=w), w * p added to the gradient.
 OPTIMIZERS = ("adam_l2", "adamw", "sgd_nesterov")
+# "step": StepLR; "onecycle": linear warm-up then linear decay (expert_core.schedules).
+LR_SCHEDULES = ("step", "onecycle")
 
 
 @dataclass(frozen=True)
@@ -154,7 +156,7 @@ class TrainConfig:
     adam_eps: float = 1e-8
     momentum: float = 0.9  # sgd_nesterov only
     weight_decay: float = 5e-4
-    lr_schedule: str = "step"  # "step": StepLR; "onecycle": linear warm-up then linear decay
+    lr_schedule: str = "step"  # one of LR_SCHEDULES
     step_size_epochs: int = 30
     step_gamma: float = 0.5
     warmup_fraction: float = 0.2  # onecycle only
@@ -170,8 +172,8 @@ class TrainConfig:
     def __post_init__(self):
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.lr_schedule not in ("step", "onecycle"):
-            raise ValueError(f"lr_schedule must be 'step' or 'onecycle', got {self.lr_schedule!r}")
+        if self.lr_schedule not in LR_SCHEDULES:
+            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.test_time_translate < 0:
             raise ValueError(f"test_time_translate must be >= 0 pixels, got {self.test_time_translate}")
 

@@ -19,7 +19,7 @@ import optax
 import torch
 
 from data.augment import augment_batch
-from expert_core.config import OPTIMIZERS, ModelConfig, TrainConfig
+from expert_core.config import LR_SCHEDULES, OPTIMIZERS, ModelConfig, TrainConfig
 from expert_core.portable import flax_to_canonical
 from flax_expert import model as flax_model
 from flax_expert import train as flax_train
@@ -278,7 +278,7 @@ def optimizer_checks(train_config: TrainConfig, steps_per_epoch: int = 4, seed: 
     start = rng.standard_normal((3, 5))
     rows = []
     for optimizer in OPTIMIZERS:
-        for schedule in ("step", "onecycle"):
+        for schedule in LR_SCHEDULES:
             recipe = dataclasses.replace(train_config, optimizer=optimizer, lr_schedule=schedule, epochs=3,
                                          step_size_epochs=1)
             gradients = rng.standard_normal((recipe.epochs * steps_per_epoch, *start.shape))

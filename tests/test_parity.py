@@ -10,7 +10,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from data.augment import translate_images
-from expert_core.config import OPTIMIZERS, BlockConfig, ModelConfig, TrainConfig, get_preset
+from expert_core.config import LR_SCHEDULES, OPTIMIZERS, BlockConfig, ModelConfig, TrainConfig, get_preset
 from expert_core.portable import PortingError, canonical_shapes, load_portable, save_portable
 from flax_expert.model import ExpertCNN as FlaxExpertCNN
 from flax_expert.model import to_model_input as flax_to_model_input
@@ -85,7 +85,7 @@ def test_every_mismatch_is_reported_together():
 
 def test_every_optimiser_takes_the_same_steps_in_both_frameworks():
     rows = optimizer_checks(SEED_RECIPE)
-    assert len(rows) == 2 * len(OPTIMIZERS)
+    assert len(rows) == len(LR_SCHEDULES) * len(OPTIMIZERS)
     assert_all_pass(rows)
 
 
