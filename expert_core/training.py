@@ -89,6 +89,8 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, help="default: the preset's")
     parser.add_argument("--lr", type=float, help="peak learning rate; default: the preset's")
     parser.add_argument("--optimizer", choices=OPTIMIZERS, help="default: the preset's")
+    parser.add_argument("--weight-decay", type=float, help="default: the preset's (an L2 term for adam_l2 and "
+                        "sgd_nesterov, decoupled for adamw, so each optimiser wants its own scale)")
     parser.add_argument("--merge", choices=MERGE_MODES, help="how the K expert convs are merged; "
                         "default: the fastest for the framework (same numbers either way)")
     parser.add_argument("--precision", choices=PRECISIONS, default="float32",
@@ -127,7 +129,8 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
     preset = get_preset(args.preset)
     spec = RunSpec(args.preset, preset.model,
                    with_overrides(preset.train, epochs=args.epochs, batch_size=args.batch_size,
-                                  learning_rate=args.lr, optimizer=args.optimizer),
+                                  learning_rate=args.lr, optimizer=args.optimizer,
+                                  weight_decay=args.weight_decay),
                    args.seed, args.max_train_examples)
     dataset = load_cifar10(args.data, args.data_source, download=args.download)
     train_x, train_y = subset(dataset.train_images, dataset.train_labels, args.max_train_examples)

@@ -88,6 +88,14 @@ def test_same_seed_same_losses_and_other_seed_differs(framework, tmp_path):
     assert first["test_accuracy"] == second["test_accuracy"]
 
 
+def test_recipe_flags_override_the_preset_and_are_recorded(tmp_path):
+    summary = train("torch", tmp_path, "--epochs", "1", "--optimizer", "sgd_nesterov", "--lr", "0.05",
+                    "--weight-decay", "0.001")
+    recipe = summary["train"]
+    assert (recipe["optimizer"], recipe["learning_rate"], recipe["weight_decay"]) == ("sgd_nesterov", 0.05, 0.001)
+    assert get_preset("tiny").train.optimizer != "sgd_nesterov"
+
+
 def test_refuses_non_empty_directory_and_mismatched_resume(tmp_path):
     train("torch", tmp_path, "--epochs", "1")
     with pytest.raises(TrainingError, match="--resume .* or --overwrite"):
