@@ -25,6 +25,7 @@ VARIANTS = {
     "adamw": FAST,
     "sgd-lr0.1": dataclasses.replace(FAST, optimizer="sgd_nesterov", learning_rate=0.1, weight_decay=5e-4),
     "sgd-lr0.2": dataclasses.replace(FAST, optimizer="sgd_nesterov", learning_rate=0.2, weight_decay=5e-4),
+    "sgd-lr0.4": dataclasses.replace(FAST, optimizer="sgd_nesterov", learning_rate=0.4, weight_decay=5e-4),
 }
 
 if __name__ == "__main__":
