@@ -1,8 +1,9 @@
 """PyTorch training: the seed recipe as a `Backend` for the shared driver in expert_core.training.
 
 Adam with L2-coupled weight decay (torch.optim.Adam(weight_decay=w)), decoupled AdamW or Nesterov SGD
-(torch.optim.SGD(momentum, nesterov=True, weight_decay=w)), as the recipe says; the learning rate per optimiser step comes from expert_core.schedules through
-LambdaLR, so StepLR here is exactly the staircase the Flax side computes.
+(torch.optim.SGD(momentum, nesterov=True, weight_decay=w)), as the recipe says; the learning rate per
+optimiser step comes from expert_core.schedules through LambdaLR, so StepLR here is exactly the
+staircase the Flax side computes.
 
 Under `torchrun --nproc_per_node N` it trains data-parallel (torch_reference.distributed): every
 process gets the same global batch from the driver, augments it as one process would and trains on
