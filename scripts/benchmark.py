@@ -3,6 +3,7 @@
     python scripts/benchmark.py                                # seed preset, batch 128, all merges
     python scripts/benchmark.py --presets seed tiny --batch-size 256 --json bench.json
     python scripts/benchmark.py --device cuda --presets seed fast --merges auto   # both on the GPU
+    taskset -c 0 python scripts/benchmark.py --merges auto     # both frameworks on one core
 
 Same config, same batch, float32, after warm-up; each figure is the median of repeated timings,
 taken in several fresh processes (`--processes`) that alternate between the frameworks, and the
@@ -70,8 +71,10 @@ def cpu_peak_gflops() -> tuple[float, str]:
     flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     mhz = max([float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")] or [2000.0])
     lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
-    cores = os.cpu_count() or 1
-    return cores * 2 * lanes * 2 * mhz / 1000, f"{cores} cores x 2 FMA x {lanes} lanes x 2 x {mhz / 1000:.2f} GHz"
+    # The CPUs this process may run on (taskset, cgroups), which both frameworks size their thread pools by.
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    formula = f"{cores} core{'s' * (cores > 1)} x 2 FMA x {lanes} lanes x 2 x {mhz / 1000:.2f} GHz"
+    return cores * 2 * lanes * 2 * mhz / 1000, formula
 
 
 def matmul_gflops() -> float:
