@@ -12,21 +12,20 @@ jitted `jnp.einsum` against `torch.bmm` on the same operands, each framework in 
 
 import json
 import os
-import statistics
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[3]
-sys.path.insert(0, str(ROOT))
+sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
+from benchmark import median_seconds  # noqa: E402
 from expert_core.config import PRESETS, block_merge  # noqa: E402
 from expert_core.runfiles import cpu_name  # noqa: E402
 
-# (einsum, which operand pairs) per matmul: (N, HW, 9C) patches, (N, 9C, C') kernels, (N, HW, C') outputs.
+# Indices: n images, p pixels, q = 9 C patch entries, o = C' outputs.
 MATMULS = {"forward": "npq,nqo->npo", "kernel gradient": "npq,npo->nqo", "patch gradient": "npo,nqo->npq"}
 
 
@@ -57,14 +56,9 @@ def operands(shape, einsum: str):
 
 
 def median_ms(fn, repeats: int = 40) -> float:
-    for _ in range(3):
+    for _ in range(3):  # warm-up: compilation, allocator, MKL's buffers
         fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+    return 1000 * median_seconds(fn, repeats)
 
 
 def measure(framework: str) -> dict:
