@@ -126,6 +126,7 @@ def main(factory: BackendFactory, framework: str, argv: list[str] | None = None)
 def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> dict | None:
     from data import load_cifar10
 
+    git_commit = runfiles.git_commit()  # now: loading the data can take minutes, and the tree may change meanwhile
     preset = get_preset(args.preset)
     spec = RunSpec(args.preset, preset.model,
                    with_overrides(preset.train, epochs=args.epochs, batch_size=args.batch_size,
@@ -149,7 +150,7 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
     history = resume_state(run_dir, spec, backend) if args.resume and not args.overwrite else []
     context = dict(spec=spec, backend=backend, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
                    class_names=dataset.class_names, data_source=dataset.source, merge=args.merge,
-                   precision=args.precision, git_commit=runfiles.git_commit(), test_index=test_index)
+                   precision=args.precision, git_commit=git_commit, test_index=test_index)
     predictions = None
     for epoch in range(len(history), spec.train.epochs):
         epoch_start = time.perf_counter()
