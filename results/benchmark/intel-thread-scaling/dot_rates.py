@@ -21,7 +21,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[3]
 sys.path[:0] = [str(ROOT), str(ROOT / "scripts")]
 
-from benchmark import median_seconds  # noqa: E402
+from benchmark import block_shapes, median_seconds  # noqa: E402
 from expert_core.config import PRESETS, block_merge  # noqa: E402
 from expert_core.runfiles import cpu_name  # noqa: E402
 
@@ -30,21 +30,20 @@ MATMULS = {"forward": "npq,nqo->npo", "kernel gradient": "npq,npo->nqo", "patch 
 
 
 def chunk_shapes() -> list[tuple[str, tuple[int, int, int, int]]]:
-    """(label, (chunk images, pixels, 9 C, C')) of every aggregated block of the seed and fast presets."""
+    """(label, (chunk images, pixels, k k C, C')) of every aggregated block of the seed and fast presets."""
     from flax_expert.model import batch_chunk, image_elements
 
     shapes, seen = [], set()
     for name in ("seed", "fast"):
-        config, size = PRESETS[name].model, 32
-        for i, (c_in, block) in enumerate(zip(config.block_in_channels(), config.blocks)):
-            if block_merge("auto", size, size) == "aggregated":
-                image = np.empty((1, size, size, c_in))
-                chunk = batch_chunk(128, image_elements(image, 3, block.out_channels, own_kernel=True))
-                shape = (chunk, size * size, 9 * c_in, block.out_channels)
+        config = PRESETS[name].model
+        k = config.kernel_size
+        for i, (n, h, w, c_in, c_out) in enumerate(block_shapes(config, 128)):
+            if block_merge("auto", h, w) == "aggregated":
+                chunk = batch_chunk(n, image_elements(np.empty((1, h, w, c_in)), k, c_out, own_kernel=True))
+                shape = (chunk, h * w, k * k * c_in, c_out)
                 if shape not in seen:
                     seen.add(shape)
                     shapes.append((f"{name} block {i + 1}", shape))
-            size //= 2 if block.pool else 1
     return shapes
 
 

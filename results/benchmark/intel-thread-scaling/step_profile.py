@@ -75,6 +75,7 @@ def op_group(name: str) -> str:
         return "dynamic-update-slice fusions (lax.map output)"
     return "every other op"
 
+
 if __name__ == "__main__":
     if sys.argv[1] == "--compare":
         compare(Path(sys.argv[2]), Path(sys.argv[3]))
