@@ -1,9 +1,10 @@
 """The seed's four augmentations: flip, zero-pad random crop, colour jitter, rotation.
 
-The pixel maths (`apply_augmentation`) is written once against an array namespace `xp`, so numpy
-(PyTorch training, parity batches) and jax.numpy (Flax, inside jit) run the very same operations.
-Only the random draws differ per framework: `draw_augment_params` draws them from a numpy
-Generator; `flax_expert` draws the same distributions from a JAX key.
+The pixel maths (`apply_augmentation`) is written once against an array-API namespace `xp`, so
+numpy (parity batches, the benchmark), jax.numpy (Flax, inside jit) and `array_api_compat.torch`
+(PyTorch training, on its device) run the very same operations. Only the random draws differ per
+framework: `draw_augment_params` draws them from a numpy Generator (PyTorch moves them to its
+device); `flax_expert` draws the same distributions from a JAX key.
 
 Order: crop -> flip -> colour jitter (brightness, contrast, saturation) -> rotation (nearest
 neighbour, zero fill). Images are uint8 NHWC in and out.
@@ -56,8 +57,8 @@ def augment_batch(images: np.ndarray, rng: np.random.Generator, config: AugmentC
 
 def apply_augmentation(images, params: AugmentParams, padding: int, xp):
     x = _crop_and_flip(images, params, padding, xp)
-    x = _colour_jitter(x.astype(xp.float32), params, xp)
-    x = xp.clip(xp.rint(x), 0, 255).astype(xp.uint8)
+    x = _colour_jitter(xp.astype(x, xp.float32), params, xp)
+    x = xp.astype(xp.clip(xp.round(x), 0, 255), xp.uint8)
     return _rotate(x, params.angle, xp)
 
 
@@ -105,8 +106,10 @@ def _rotate(images, angle, xp):
     cos = xp.cos(angle).reshape(n, 1, 1)
     sin = xp.sin(angle).reshape(n, 1, 1)
     # Inverse map: the output pixel (y, x) reads the input at the point rotated back by -angle.
-    rows = xp.rint(cos * y - sin * x + cy).astype(xp.int32)
-    cols = xp.rint(sin * y + cos * x + cx).astype(xp.int32)
+    # The namespace's default integer, which its gathers take (torch's take_along_dim wants int64).
+    index_dtype = xp.arange(1).dtype
+    rows = xp.astype(xp.round(cos * y - sin * x + cy), index_dtype)
+    cols = xp.astype(xp.round(sin * y + cos * x + cx), index_dtype)
     valid = (rows >= 0) & (rows < h) & (cols >= 0) & (cols < w)
     return _gather(images, rows, cols, valid, xp)
 

@@ -9,13 +9,13 @@ Same config, same batch, float32, after warm-up; each figure is the median of re
 taken in several fresh processes (`--processes`) that alternate between the frameworks, and the
 median over those processes is reported with its range: on a shared VM one process can run a third
 slower than the next for reasons outside it.
-The train step is the one training runs: the preset's augmentation (on the device inside the jitted
-step for Flax, in numpy on the host for PyTorch), forward, backward and update. JAX compile time is
+The train step is the one training runs: the preset's augmentation (on the device: inside the jitted
+step for Flax, in torch for PyTorch), forward, backward and update. JAX compile time is
 reported apart. GFLOP/s counts the model's useful multiply-adds (one conv per block, as the
 aggregated merge computes it) against this CPU's fp32 peak (on a GPU: a large TF32 matmul's measured
 rate), so the distance to the limit is visible.
 "data wait" is the share of the train step spent preparing the batch on the host (indexing, and for
-PyTorch the numpy augmentation), during which the model computes nothing. "merges" times the merge
+PyTorch drawing the augmentation's random choices in numpy), during which the model computes nothing. "merges" times the merge
 computation alone, forward and backward, of every expert block of the preset at the batch's shapes:
 what the choice of merge changes, without the stem, BatchNorm, ReLU, pooling and optimiser that every
 merge shares.
@@ -35,7 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
-from data.augment import augment_batch
+from data.augment import draw_augment_params
 from expert_core.config import MERGE_MODES, PRESETS, ModelConfig, block_merge, get_preset
 from expert_core.huge_pages import relaunch_with_huge_pages
 from expert_core.runfiles import cpu_name
@@ -232,8 +232,8 @@ def data_wait(preset, images, labels, batch: int, repeats: int) -> dict:
     """Host-side batch preparation time per step, for each framework's input path."""
     order = np.random.default_rng(0).permutation(len(images))
     index = np.sort(order[:batch])
-    torch_prep = median_seconds(lambda: augment_batch(images[index], np.random.default_rng(0), preset.train.augment),
-                                repeats)
+    torch_prep = median_seconds(lambda: (images[index], labels[index], draw_augment_params(
+        np.random.default_rng(0), batch, preset.train.augment)), repeats)
     flax_prep = median_seconds(lambda: (images[index], labels[index]), repeats)
     return {"torch": torch_prep, "flax": flax_prep}
 

@@ -1,4 +1,4 @@
-"""The seed's augmentations in numpy (data.augment), and the same pixel maths under jax.numpy."""
+"""The seed's augmentations in numpy (data.augment), and the same pixel maths under jax.numpy and torch."""
 
 import dataclasses
 import math
@@ -86,6 +86,17 @@ def test_jax_runs_the_same_pixel_maths():
     got = np.asarray(apply_augmentation(jnp.asarray(x), AugmentParams(*map(jnp.asarray, p)), 4, jnp))
     differs = got.astype(int) - expected.astype(int)
     assert np.abs(differs).max() <= 1 and (differs != 0).mean() < 1e-3  # float rounding at .5 only
+
+
+def test_torch_runs_the_same_pixel_maths_bit_for_bit_on_the_cpu():
+    torch = pytest.importorskip("torch")
+    from torch_reference.train import augment_on_device
+
+    x = images(64)
+    p = draw_augment_params(np.random.default_rng(3), 64, AugmentConfig())
+    got = augment_on_device(x, p, 4, torch.device("cpu"))
+    assert got.dtype == torch.uint8
+    np.testing.assert_array_equal(got.numpy(), apply_augmentation(x, p, 4, np))
 
 
 @settings(max_examples=25, deadline=None, derandomize=True)
