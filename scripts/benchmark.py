@@ -15,10 +15,10 @@ reported apart. GFLOP/s counts the model's useful multiply-adds (one conv per bl
 aggregated merge computes it) against this CPU's fp32 peak (on a GPU: a large TF32 matmul's measured
 rate), so the distance to the limit is visible.
 "data wait" is the share of the train step spent preparing the batch on the host (indexing, and for
-PyTorch drawing the augmentation's random choices in numpy), during which the model computes nothing. "merges" times the merge
-computation alone, forward and backward, of every expert block of the preset at the batch's shapes:
-what the choice of merge changes, without the stem, BatchNorm, ReLU, pooling and optimiser that every
-merge shares.
+PyTorch drawing the augmentation's random choices in numpy), during which the model computes
+nothing. "merges" times the merge computation alone, forward and backward, of every expert block of
+the preset at the batch's shapes: what the choice of merge changes, without the stem, BatchNorm,
+ReLU, pooling and optimiser that every merge shares.
 """
 
 from __future__ import annotations
