@@ -5,7 +5,7 @@
     python scripts/benchmark.py --device cuda --presets seed fast --merges auto   # both on the GPU
     taskset -c 0 python scripts/benchmark.py --merges auto     # both frameworks on one core
 
-Same config, same batch, float32, after warm-up; each figure is the median of repeated timings,
+Same config, same batch, same precision (float32 unless `--precision bfloat16`), after warm-up; each figure is the median of repeated timings,
 taken in several fresh processes (`--processes`) that alternate between the frameworks, and the
 median over those processes is reported with its range: on a shared VM one process can run a third
 slower than the next for reasons outside it.
@@ -13,7 +13,7 @@ The train step is the one training runs: the preset's augmentation (on the devic
 step for Flax, in torch for PyTorch), forward, backward and update. JAX compile time is
 reported apart. GFLOP/s counts the model's useful multiply-adds (one conv per block, as the
 aggregated merge computes it) against this CPU's fp32 peak (on a GPU: a large TF32 matmul's measured
-rate), so the distance to the limit is visible.
+rate), so the distance to the limit is visible; bfloat16 rows are set against the same float32 limits.
 "data wait" is the share of the train step spent preparing the batch on the host (indexing, and for
 PyTorch drawing the augmentation's random choices in numpy), during which the model computes
 nothing. "merges" times the merge computation alone, forward and backward, of every expert block of
@@ -126,31 +126,34 @@ def median_seconds(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_torch(preset, merge, images, labels, repeats, device):
+def bench_torch(preset, merge, precision, images, labels, repeats, device):
     import torch
 
     from torch_reference.model import to_model_input
     from torch_reference.train import TorchBackend
 
-    backend = TorchBackend(preset.model, preset.train, steps_per_epoch=1000, seed=0, merge=merge, device=device)
+    backend = TorchBackend(preset.model, preset.train, steps_per_epoch=1000, seed=0, merge=merge, device=device,
+                           precision=precision)
     steps = itertools.count()
     train = lambda: backend.train_step(images, labels, next(steps), 1.0)  # noqa: E731 (.item() waits for the GPU)
 
     def evaluate():
         backend.model.eval()
-        with torch.no_grad():
+        with torch.no_grad(), backend.autocast:
             backend.model(to_model_input(images).to(backend.torch_device)).cpu()  # the copy back waits for the GPU
 
     for _ in range(2):  # warm-up: allocator, oneDNN primitive caches
         train()
         evaluate()
     return {"train_seconds": median_seconds(train, repeats), "eval_seconds": median_seconds(evaluate, repeats),
-            "merge_seconds": torch_merge_seconds(preset.model, merge, len(images), repeats, backend.torch_device),
+            "merge_seconds": torch_merge_seconds(preset.model, merge, precision, len(images), repeats,
+                                                 backend.torch_device),
             "compile_seconds": 0.0}
 
 
-def torch_merge_seconds(config: ModelConfig, merge: str, batch: int, repeats: int, device) -> float:
-    """Forward and backward of every block's merge alone (x, kernels, attention -> y), random operands."""
+def torch_merge_seconds(config: ModelConfig, merge: str, precision: str, batch: int, repeats: int, device) -> float:
+    """Forward and backward of every block's merge alone (x, kernels, attention -> y), random operands
+    in the compute precision."""
     import torch
 
     from torch_reference.model import MERGES
@@ -159,7 +162,8 @@ def torch_merge_seconds(config: ModelConfig, merge: str, batch: int, repeats: in
     blocks = []
     for n, h, w, c_in, c_out in block_shapes(config, batch):
         shapes = ((n, c_in, h, w), (config.num_experts, c_out, c_in, k, k), (n, config.num_experts), (n, c_out, h, w))
-        x, kernels, attention, cotangent = (torch.randn(s, generator=generator).to(device) for s in shapes)
+        x, kernels, attention, cotangent = (torch.randn(s, generator=generator).to(device, getattr(torch, precision))
+                                            for s in shapes)
         operands = [x.requires_grad_(), kernels.requires_grad_(), torch.softmax(attention, 1).requires_grad_()]
         blocks.append((MERGES[block_merge(merge, h, w)], operands, cotangent))
 
@@ -173,13 +177,13 @@ def torch_merge_seconds(config: ModelConfig, merge: str, batch: int, repeats: in
     return median_seconds(forward_backward, repeats)
 
 
-def bench_flax(preset, merge, images, labels, repeats, device):
+def bench_flax(preset, merge, precision, images, labels, repeats, device):
     import jax
 
     from flax_expert import train as flax_train
 
     backend = flax_train.FlaxBackend(preset.model, preset.train, steps_per_epoch=1000, seed=0, merge=merge,
-                                     device=device)
+                                     device=device, precision=precision)
     steps = itertools.count()
 
     def train():
@@ -195,12 +199,14 @@ def bench_flax(preset, merge, images, labels, repeats, device):
     train()
     evaluate()
     return {"train_seconds": median_seconds(train, repeats), "eval_seconds": median_seconds(evaluate, repeats),
-            "merge_seconds": flax_merge_seconds(preset.model, merge, len(images), repeats, backend.replicated),
+            "merge_seconds": flax_merge_seconds(preset.model, merge, precision, len(images), repeats,
+                                                backend.replicated),
             "compile_seconds": compile_seconds}
 
 
-def flax_merge_seconds(config: ModelConfig, merge: str, batch: int, repeats: int, sharding) -> float:
-    """Forward and backward of every block's merge alone (x, kernels, attention -> y), random operands."""
+def flax_merge_seconds(config: ModelConfig, merge: str, precision: str, batch: int, repeats: int, sharding) -> float:
+    """Forward and backward of every block's merge alone (x, kernels, attention -> y), random operands
+    in the compute precision."""
     import jax
 
     from flax_expert.model import MERGES
@@ -210,7 +216,7 @@ def flax_merge_seconds(config: ModelConfig, merge: str, batch: int, repeats: int
     for n, h, w, c_in, c_out in block_shapes(config, batch):
         shapes = ((n, h, w, c_in), (config.num_experts, k, k, c_in, c_out), (n, config.num_experts), (n, h, w, c_out))
         key, *parts = jax.random.split(key, 5)
-        x, kernels, attention, cotangent = (jax.random.normal(part, s) for part, s in zip(parts, shapes))
+        x, kernels, attention, cotangent = (jax.random.normal(part, s, precision) for part, s in zip(parts, shapes))
         merges.append(MERGES[block_merge(merge, h, w)])
         blocks.append(((x, kernels, jax.nn.softmax(attention)), cotangent))
     blocks = jax.device_put(blocks, sharding)
@@ -249,6 +255,8 @@ def main(argv=None) -> int:
                         help="fresh processes per figure, alternating the frameworks (median, range shown)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where both frameworks run (cuda: the first GPU; GFLOP/s then against its matmul rates)")
+    parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
+                        help="bfloat16: the training scripts' mixed precision (convolutions in bf16)")
     parser.add_argument("--json", help="write the table here as JSON")
     args = parser.parse_args(argv)
 
@@ -256,7 +264,7 @@ def main(argv=None) -> int:
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     print(f"{args.device.upper()}: {limits['device_name']} (host CPU: {cpu_name()}); peak ~{limits['peak_gflops']:.0f} "
           f"GFLOP/s ({limits['peak_formula']}); {limits['matmul_formula']} runs at {limits['matmul_gflops']:.0f} "
-          f"GFLOP/s; GLIBC_TUNABLES={tunables!r}")
+          f"GFLOP/s; GLIBC_TUNABLES={tunables!r}; precision {args.precision}")
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 256, (4 * args.batch_size, 32, 32, 3), dtype=np.uint8)
     pool_labels = rng.integers(0, 10, len(pool))
@@ -272,8 +280,8 @@ def main(argv=None) -> int:
             for _ in range(args.processes):  # alternating, so that a slow spell of the VM hits both
                 for framework in args.frameworks:
                     timings[framework].append(
-                        in_fresh_process(runners[framework], preset, merge, images, labels, args.repeats,
-                                         args.device))
+                        in_fresh_process(runners[framework], preset, merge, args.precision, images, labels,
+                                         args.repeats, args.device))
             for framework in args.frameworks:
                 rows.append(make_row(name, framework, merge, args.batch_size, timings[framework], flops,
                                      limits, waits[framework]))
@@ -296,7 +304,8 @@ def main(argv=None) -> int:
                       f"merges alone (forward + backward) {branches['merge_ms'] / row['merge_ms']:.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps({"device": args.device, "cpu": cpu_name(), **limits,
-                                                "glibc_tunables": tunables, "rows": rows}, indent=2))
+                                                "glibc_tunables": tunables, "precision": args.precision,
+                                                "rows": rows}, indent=2))
     return 0
 
 
