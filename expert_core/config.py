@@ -142,6 +142,9 @@ class AugmentConfig:
 OPTIMIZERS = ("adam_l2", "adamw", "sgd_nesterov")
 # "step": StepLR; "onecycle": linear warm-up then linear decay (expert_core.schedules).
 LR_SCHEDULES = ("step", "onecycle")
+# "random": the stem conv as every other conv is initialised; "whitening": from the training images'
+# patch covariance (expert_core.whitening), the same numbers in both frameworks.
+STEM_INITS = ("random", "whitening")
 
 
 @dataclass(frozen=True)
@@ -162,6 +165,7 @@ class TrainConfig:
     warmup_fraction: float = 0.2  # onecycle only
     label_smoothing: float = 0.1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
+    stem_init: str = "random"  # one of STEM_INITS
     temperature_start: float = 0.0  # > 0: anneal linearly from here to the model's temperature
     temperature_anneal_epochs: int = 0
     test_time_flip: bool = False
@@ -174,6 +178,8 @@ class TrainConfig:
             raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
         if self.lr_schedule not in LR_SCHEDULES:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
+        if self.stem_init not in STEM_INITS:
+            raise ValueError(f"stem_init must be one of {STEM_INITS}, got {self.stem_init!r}")
         if self.test_time_translate < 0:
             raise ValueError(f"test_time_translate must be >= 0 pixels, got {self.test_time_translate}")
 

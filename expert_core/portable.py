@@ -81,6 +81,15 @@ def check_canonical(tensors: dict[str, np.ndarray], config: ModelConfig, directi
         raise PortingError(direction, missing, unexpected, wrong)
 
 
+def check_replacements(tensors: dict, current: dict) -> None:
+    """`tensors` may replace entries of `current` (canonical weights): same names, same shapes."""
+    unexpected = sorted(key for key in tensors if key not in current)
+    wrong = [(key, tuple(np.shape(current[key])), tuple(np.shape(value)))
+             for key, value in tensors.items() if key in current and np.shape(value) != np.shape(current[key])]
+    if unexpected or wrong:
+        raise PortingError("replace_weights", unexpected=unexpected, wrong_shape=wrong)
+
+
 def _flax_location(name: str, rank: int) -> tuple[str, tuple[str, ...], tuple[int, ...] | None]:
     """(collection, path, transpose) for a canonical name; transpose None keeps the layout."""
     *modules, leaf = name.split(".")

@@ -21,6 +21,7 @@ import numpy as np
 from expert_core import checkpoints, plots, portable, runfiles, schedules
 from expert_core.config import (MERGE_MODES, OPTIMIZERS, PRECISIONS, PRESETS, ModelConfig, TrainConfig, get_preset,
                                 model_config_from_dict, to_dict, train_config_from_dict, with_overrides)
+from expert_core.whitening import whitening_stem_kernel
 
 
 PORTABLE_WEIGHTS = "weights.safetensors"
@@ -62,6 +63,10 @@ class Backend(Protocol):
 
     def canonical_weights(self) -> dict[str, np.ndarray]:
         """The model's weights under the canonical names and layouts (expert_core.portable)."""
+
+    def replace_weights(self, tensors: dict[str, np.ndarray]) -> None:
+        """Overwrite the named canonical tensors (same names and shapes as canonical_weights()); the
+        others, and the optimiser state, stay as they are."""
 
 
 BackendFactory = Callable[..., Backend]
@@ -148,6 +153,8 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
         prepare_run_dir(run_dir, args.resume, args.overwrite)
     # --overwrite emptied it: nothing to resume, and no process reads a directory being deleted.
     history = resume_state(run_dir, spec, backend) if args.resume and not args.overwrite else []
+    if not history:
+        initialise_from_data(backend, spec.train, spec.model, train_x)
     context = dict(spec=spec, backend=backend, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
                    class_names=dataset.class_names, data_source=dataset.source, merge=args.merge,
                    precision=args.precision, git_commit=git_commit, test_index=test_index)
@@ -217,6 +224,13 @@ def resume_state(run_dir: Path, spec: RunSpec, backend: Backend) -> list[dict]:
         runfiles.write_metrics(run_dir, history)
         print(f"resumed from {checkpoint.path} after epoch {len(history)}", flush=True)
     return history
+
+
+def initialise_from_data(backend: Backend, train: TrainConfig, model: ModelConfig, train_x: np.ndarray) -> None:
+    """The recipe's data-dependent initialisation, before the first step (a resumed run has its own)."""
+    if train.stem_init == "whitening":
+        kernel = whitening_stem_kernel(train_x, model.kernel_size, model.stem_channels)
+        backend.replace_weights({"stem.conv.weight": kernel})
 
 
 def _differences(old, new, prefix="") -> list[str]:

@@ -189,9 +189,7 @@ class FlaxBackend:
                        train_config: TrainConfig | None = None, device: str = "cpu") -> "FlaxBackend":
         """A backend holding canonical weights (from either framework's checkpoint), to evaluate them."""
         backend = cls(model_config, train_config or TrainConfig(), steps_per_epoch=1, seed=0, device=device)
-        variables = portable.canonical_to_flax(tensors, model_config)
-        backend.state = backend.state.replace(params=jax.tree.map(jnp.asarray, variables["params"]),
-                                              batch_stats=jax.tree.map(jnp.asarray, variables["batch_stats"]))
+        backend.replace_weights(tensors)
         return backend
 
     def versions(self) -> dict[str, str]:
@@ -228,6 +226,16 @@ class FlaxBackend:
     def canonical_weights(self) -> dict[str, np.ndarray]:
         variables = {"params": self.state.params, "batch_stats": self.state.batch_stats}
         return portable.flax_to_canonical(variables, self.model_config)
+
+    def replace_weights(self, tensors: dict[str, np.ndarray]) -> None:
+        canonical = self.canonical_weights()
+        portable.check_replacements(tensors, canonical)
+        variables = portable.canonical_to_flax({**canonical, **tensors}, self.model_config)
+        # Each new leaf keeps the old one's dtype (float64 runs) and sharding (every device of the mesh).
+        keep = lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding)  # noqa: E731
+        self.state = self.state.replace(params=jax.tree.map(keep, variables["params"], self.state.params),
+                                        batch_stats=jax.tree.map(keep, variables["batch_stats"],
+                                                                 self.state.batch_stats))
 
     def load_state_bytes(self, payload: bytes) -> None:
         self.state = jax.device_put(flax.serialization.from_bytes(self.state, payload), self.replicated)

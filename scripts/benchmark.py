@@ -5,10 +5,10 @@
     python scripts/benchmark.py --device cuda --presets seed fast --merges auto   # both on the GPU
     taskset -c 0 python scripts/benchmark.py --merges auto     # both frameworks on one core
 
-Same config, same batch, same precision (float32 unless `--precision bfloat16`), after warm-up; each figure is the median of repeated timings,
-taken in several fresh processes (`--processes`) that alternate between the frameworks, and the
-median over those processes is reported with its range: on a shared VM one process can run a third
-slower than the next for reasons outside it.
+Same config, same batch, same precision (float32 unless `--precision bfloat16`), after warm-up;
+each figure is the median of repeated timings, taken in several fresh processes (`--processes`)
+that alternate between the frameworks, and the median over those processes is reported with its
+range: on a shared VM one process can run a third slower than the next for reasons outside it.
 The train step is the one training runs: the preset's augmentation (on the device: inside the jitted
 step for Flax, in torch for PyTorch), forward, backward and update. JAX compile time is
 reported apart. GFLOP/s counts the model's useful multiply-adds (one conv per block, as the

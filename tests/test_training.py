@@ -8,8 +8,10 @@ import pytest
 
 from expert_core import checkpoints, runfiles
 from expert_core.config import PRESETS, get_preset
+from expert_core.portable import PortingError
 from expert_core.report import evaluation_settings
-from expert_core.training import TrainingError, build_parser, main, run
+from expert_core.training import TrainingError, build_parser, initialise_from_data, main, run
+from expert_core.whitening import whitening_stem_kernel
 
 SHORT = ["--preset", "tiny", "--max-train-examples", "256", "--max-test-examples", "200", "--batch-size", "32"]
 FRAMEWORKS = ["torch", "flax"]
@@ -151,3 +153,30 @@ def test_bfloat16_trains_close_to_float32_and_keeps_float32_state(framework, cif
     assert {str(w.dtype) for w in weights.values()} <= {"float32", "int64"}
     assert half != full  # the convolutions really ran in bfloat16
     np.testing.assert_allclose(half, full, rtol=2e-2)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_replace_weights_changes_the_named_tensors_only_and_refuses_strangers(framework):
+    preset = get_preset("tiny")
+    backend = backend_factory(framework)(preset.model, preset.train, steps_per_epoch=1, seed=0, device="cpu")
+    before = backend.canonical_weights()
+    stem = np.arange(before["stem.conv.weight"].size, dtype=np.float32).reshape(before["stem.conv.weight"].shape)
+    backend.replace_weights({"stem.conv.weight": stem})
+    after = backend.canonical_weights()
+    np.testing.assert_array_equal(after.pop("stem.conv.weight"), stem)
+    for key, value in after.items():
+        np.testing.assert_array_equal(value, before[key], err_msg=key)
+    with pytest.raises(PortingError, match=r"unexpected: stem\.conv\.kernel[\s\S]*wrong shape: stem\.bn\.weight"):
+        backend.replace_weights({"stem.conv.kernel": stem, "stem.bn.weight": np.ones(3, np.float32)})
+
+
+def test_both_frameworks_start_from_the_same_whitened_stem(cifar10):
+    preset = get_preset("tiny")
+    train = dataclasses.replace(preset.train, stem_init="whitening")
+    stems = []
+    for framework in FRAMEWORKS:
+        backend = backend_factory(framework)(preset.model, train, steps_per_epoch=1, seed=0, device="cpu")
+        initialise_from_data(backend, train, preset.model, cifar10.train_images)
+        stems.append(backend.canonical_weights()["stem.conv.weight"])
+    np.testing.assert_array_equal(stems[0], stems[1])
+    np.testing.assert_array_equal(stems[0], whitening_stem_kernel(cifar10.train_images, 3, 8))

@@ -23,7 +23,7 @@ import torch.nn.functional as F
 
 from data.augment import (AugmentParams, apply_augmentation, draw_augment_params, evaluation_views,
                           translate_images)
-from expert_core import schedules
+from expert_core import portable, schedules
 from expert_core.config import ModelConfig, TrainConfig, parameter_dtype
 from expert_core.training import Predictions, TrainingError, augment_rng
 from torch_reference import distributed
@@ -159,6 +159,11 @@ class TorchBackend:
 
     def canonical_weights(self) -> dict[str, np.ndarray]:
         return {key: value.detach().cpu().numpy() for key, value in self.model.state_dict().items()}
+
+    def replace_weights(self, tensors: dict[str, np.ndarray]) -> None:
+        state = self.model.state_dict()
+        portable.check_replacements(tensors, state)
+        self.model.load_state_dict({**state, **{key: torch.as_tensor(value) for key, value in tensors.items()}})
 
     def load_state_bytes(self, payload: bytes) -> None:
         state = torch.load(io.BytesIO(payload), map_location=self.torch_device, weights_only=True)

@@ -1,4 +1,5 @@
-"""Optimiser probe: the `fast` recipe on the `seed` network for 8 epochs, AdamW against Nesterov SGD.
+"""Recipe probes: the `fast` recipe on the `seed` network for 8 epochs, AdamW against Nesterov SGD,
+then changes to the SGD recipe one at a time.
 
 The `fast` network takes 4.4 hours for 20 epochs on the 2-core Intel Xeon, so an optimiser choice is
 probed on the seed network (about 20 minutes a run there). Each variant is registered as a preset
@@ -27,6 +28,11 @@ VARIANTS = {
     "sgd-lr0.2": dataclasses.replace(FAST, optimizer="sgd_nesterov", learning_rate=0.2, weight_decay=5e-4),
     "sgd-lr0.4": dataclasses.replace(FAST, optimizer="sgd_nesterov", learning_rate=0.4, weight_decay=5e-4),
 }
+# airbench's finding, that a short run wants a lighter augmentation: pad-2 crops instead of pad-4.
+VARIANTS["sgd-lr0.2-crop2"] = dataclasses.replace(
+    VARIANTS["sgd-lr0.2"], augment=dataclasses.replace(FAST.augment, crop_padding=2))
+# airbench's other early-epoch trick: a first layer whose filters whiten the image patches.
+VARIANTS["sgd-lr0.2-whiten"] = dataclasses.replace(VARIANTS["sgd-lr0.2"], stem_init="whitening")
 
 if __name__ == "__main__":
     variant = sys.argv[1]
