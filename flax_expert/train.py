@@ -188,6 +188,7 @@ class FlaxBackend:
     def from_canonical(cls, tensors: dict[str, np.ndarray], model_config: ModelConfig,
                        train_config: TrainConfig | None = None, device: str = "cpu") -> "FlaxBackend":
         """A backend holding canonical weights (from either framework's checkpoint), to evaluate them."""
+        portable.check_canonical(tensors, model_config, "canonical -> Flax")  # all of them, not a few
         backend = cls(model_config, train_config or TrainConfig(), steps_per_epoch=1, seed=0, device=device)
         backend.replace_weights(tensors)
         return backend

@@ -180,3 +180,12 @@ def test_both_frameworks_start_from_the_same_whitened_stem(cifar10):
         stems.append(backend.canonical_weights()["stem.conv.weight"])
     np.testing.assert_array_equal(stems[0], stems[1])
     np.testing.assert_array_equal(stems[0], whitening_stem_kernel(cifar10.train_images, 3, 8))
+
+
+def test_loading_a_whole_model_refuses_a_partial_one():
+    preset = get_preset("tiny")
+    tensors = backend_factory("torch")(preset.model, preset.train, steps_per_epoch=1, seed=0,
+                                       device="cpu").canonical_weights()
+    del tensors["blocks.1.kernels"]
+    with pytest.raises(PortingError, match=r"missing: blocks\.1\.kernels"):
+        backend_factory("flax").from_canonical(tensors, preset.model)
