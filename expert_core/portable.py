@@ -71,23 +71,16 @@ def _batchnorm(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
         f"{prefix}.{UNUSED_IN_FLAX}": ()}
 
 
-def check_canonical(tensors: dict[str, np.ndarray], config: ModelConfig, direction: str) -> None:
+def check_canonical(tensors: dict[str, np.ndarray], config: ModelConfig, direction: str,
+                    partial: bool = False) -> None:
+    """Every canonical tensor of `config` with its shape and nothing else; `partial`: some of them."""
     expected = canonical_shapes(config)
     wrong = [(key, expected[key], tuple(np.shape(value))) for key, value in tensors.items()
              if key in expected and tuple(np.shape(value)) != expected[key]]
-    missing = [key for key in expected if key not in tensors]
+    missing = [] if partial else [key for key in expected if key not in tensors]
     unexpected = [key for key in tensors if key not in expected]
     if missing or unexpected or wrong:
         raise PortingError(direction, missing, unexpected, wrong)
-
-
-def check_replacements(tensors: dict, current: dict) -> None:
-    """`tensors` may replace entries of `current` (canonical weights): same names, same shapes."""
-    unexpected = sorted(key for key in tensors if key not in current)
-    wrong = [(key, tuple(np.shape(current[key])), tuple(np.shape(value)))
-             for key, value in tensors.items() if key in current and np.shape(value) != np.shape(current[key])]
-    if unexpected or wrong:
-        raise PortingError("replace_weights", unexpected=unexpected, wrong_shape=wrong)
 
 
 def _flax_location(name: str, rank: int) -> tuple[str, tuple[str, ...], tuple[int, ...] | None]:

@@ -229,9 +229,8 @@ class FlaxBackend:
         return portable.flax_to_canonical(variables, self.model_config)
 
     def replace_weights(self, tensors: dict[str, np.ndarray]) -> None:
-        canonical = self.canonical_weights()
-        portable.check_replacements(tensors, canonical)
-        variables = portable.canonical_to_flax({**canonical, **tensors}, self.model_config)
+        portable.check_canonical(tensors, self.model_config, "replace_weights", partial=True)
+        variables = portable.canonical_to_flax({**self.canonical_weights(), **tensors}, self.model_config)
         # Each new leaf keeps the old one's dtype (float64 runs) and sharding (every device of the mesh).
         keep = lambda new, old: jax.device_put(jnp.asarray(new, old.dtype), old.sharding)  # noqa: E731
         self.state = self.state.replace(params=jax.tree.map(keep, variables["params"], self.state.params),

@@ -161,9 +161,9 @@ class TorchBackend:
         return {key: value.detach().cpu().numpy() for key, value in self.model.state_dict().items()}
 
     def replace_weights(self, tensors: dict[str, np.ndarray]) -> None:
-        state = self.model.state_dict()
-        portable.check_replacements(tensors, state)
-        self.model.load_state_dict({**state, **{key: torch.as_tensor(value) for key, value in tensors.items()}})
+        portable.check_canonical(tensors, self.model.config, "replace_weights", partial=True)
+        self.model.load_state_dict({**self.model.state_dict(),
+                                    **{key: torch.as_tensor(value) for key, value in tensors.items()}})
 
     def load_state_bytes(self, payload: bytes) -> None:
         state = torch.load(io.BytesIO(payload), map_location=self.torch_device, weights_only=True)
