@@ -23,7 +23,8 @@ from flax_expert.train import FlaxBackend  # noqa: E402
 
 FAST = PRESETS["fast"].train
 VARIANTS = {
-    "adamw": FAST,
+    # The `fast` recipe before 52fa8ac ("fast v2" in the README), which these probes replaced.
+    "adamw": dataclasses.replace(FAST, optimizer="adamw", learning_rate=2e-3, weight_decay=0.05),
     "sgd-lr0.1": dataclasses.replace(FAST, optimizer="sgd_nesterov", learning_rate=0.1, weight_decay=5e-4),
     "sgd-lr0.2": dataclasses.replace(FAST, optimizer="sgd_nesterov", learning_rate=0.2, weight_decay=5e-4),
     "sgd-lr0.4": dataclasses.replace(FAST, optimizer="sgd_nesterov", learning_rate=0.4, weight_decay=5e-4),
@@ -33,6 +34,7 @@ VARIANTS["sgd-lr0.2-crop2"] = dataclasses.replace(
     VARIANTS["sgd-lr0.2"], augment=dataclasses.replace(FAST.augment, crop_padding=2))
 # airbench's other early-epoch trick: a first layer whose filters whiten the image patches.
 VARIANTS["sgd-lr0.2-whiten"] = dataclasses.replace(VARIANTS["sgd-lr0.2"], stem_init="whitening")
+VARIANTS["sgd-lr0.2-whiten-crop2"] = dataclasses.replace(VARIANTS["sgd-lr0.2-crop2"], stem_init="whitening")
 
 if __name__ == "__main__":
     variant = sys.argv[1]
