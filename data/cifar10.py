@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from expert_core.config import CLASS_NAMES
+from expert_core.files import atomic_writer
 from data import sources
 from data.errors import DataError
 
@@ -145,10 +146,8 @@ def _checksum(arrays: dict[str, np.ndarray]) -> str:
 def _write_cache(cache_file: Path, arrays: dict[str, np.ndarray], fingerprint: str) -> None:
     meta = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "checksum": _checksum(arrays)}
     cache_file.parent.mkdir(parents=True, exist_ok=True)
-    partial = cache_file.with_name(cache_file.name + ".partial")
-    with open(partial, "wb") as f:
+    with atomic_writer(cache_file) as f:
         np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
-    partial.replace(cache_file)
 
 
 def _read_cache(cache_file: Path, fingerprint: str) -> dict[str, np.ndarray] | None:

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from expert_core.config import CLASS_NAMES
+from expert_core.files import atomic_writer
 from data.errors import DataError
 
 TARBALL_NAME = "cifar-10-python.tar.gz"
@@ -45,14 +46,12 @@ def download_tarball(destination: Path) -> None:
     from tqdm import tqdm
 
     destination.parent.mkdir(parents=True, exist_ok=True)
-    partial = destination.with_suffix(".partial")
-    with urllib.request.urlopen(TARBALL_URL) as response, open(partial, "wb") as out:
+    with urllib.request.urlopen(TARBALL_URL) as response, atomic_writer(destination) as out:
         total = int(response.headers.get("Content-Length", 0)) or None
         with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {TARBALL_NAME}") as bar:
             for chunk in iter(lambda: response.read(1 << 20), b""):
                 out.write(chunk)
                 bar.update(len(chunk))
-    partial.replace(destination)
 
 
 def read_tarball(path: Path) -> Splits:

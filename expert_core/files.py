@@ -2,17 +2,32 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import secrets
 from pathlib import Path
+from typing import BinaryIO, Iterator
 
 
-def atomic_write_bytes(path: Path, payload: bytes) -> None:
-    """Write to a temporary sibling, flush it to disk, then rename it over `path`."""
+def partial_path(path: Path) -> Path:
+    """A temporary sibling of `path` that no other writer uses.
+
+    A fixed name such as `path.partial` breaks when two processes fill the same file at once (two
+    runs building the dataset cache): one renames the other's file away mid-write and the second
+    rename fails. With a name per writer, each renames its own complete file and the last one wins.
+    """
     path = Path(path)
-    partial = path.with_name(path.name + ".partial")
+    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+
+
+@contextlib.contextmanager
+def atomic_writer(path: Path) -> Iterator[BinaryIO]:
+    """A binary file that replaces `path`, flushed to disk, once the block ends without an error."""
+    path = Path(path)
+    partial = partial_path(path)
     try:
-        with open(partial, "wb") as f:
-            f.write(payload)
+        with open(partial, "xb") as f:
+            yield f
             f.flush()
             os.fsync(f.fileno())
         os.replace(partial, path)
@@ -20,6 +35,11 @@ def atomic_write_bytes(path: Path, payload: bytes) -> None:
         partial.unlink(missing_ok=True)
         raise
     _fsync_directory(path.parent)
+
+
+def atomic_write_bytes(path: Path, payload: bytes) -> None:
+    with atomic_writer(path) as f:
+        f.write(payload)
 
 
 def _fsync_directory(directory: Path) -> None:

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from expert_core.files import atomic_write_bytes
+from expert_core.files import atomic_write_bytes, atomic_writer
 
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -44,10 +44,8 @@ def write_json(path: Path, payload: dict) -> None:
 
 
 def write_evaluation(run_dir: Path, evaluation: dict[str, np.ndarray]) -> None:
-    partial = Path(run_dir) / (EVALUATION_FILE + ".partial")
-    with open(partial, "wb") as f:
+    with atomic_writer(Path(run_dir) / EVALUATION_FILE) as f:
         np.savez_compressed(f, **evaluation)
-    os.replace(partial, Path(run_dir) / EVALUATION_FILE)
 
 
 def read_evaluation(run_dir: Path) -> dict:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from expert_core import checkpoints, portable, runfiles, training  # noqa: E402
+from expert_core import checkpoints, files, portable, runfiles, training  # noqa: E402
 
 
 def die(*_):
@@ -40,8 +40,7 @@ def on_call(n: int, original, before=None):
 
 
 def half_written(path, payload):
-    partial = Path(path).with_name(Path(path).name + ".partial")
-    with open(partial, "wb") as f:
+    with open(files.partial_path(path), "wb") as f:
         f.write(payload[:len(payload) // 2])
         f.flush()
         os.fsync(f.fileno())
