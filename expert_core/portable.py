@@ -25,6 +25,7 @@ import json
 import numpy as np
 
 from expert_core.config import ModelConfig, model_config_from_dict, to_dict
+from expert_core.files import atomic_write_bytes
 
 FORMAT = "expert-cnn-portable"
 FORMAT_VERSION = 2  # 2: metadata carries `tensors_sha256`, so damaged tensor bytes never load
@@ -149,14 +150,14 @@ def _flatten(tree, prefix=()):
 
 def save_portable(path, tensors: dict[str, np.ndarray], config: ModelConfig, extra: dict | None = None) -> None:
     """Write canonical tensors and their model config to one .safetensors file (numpy only)."""
-    from safetensors.numpy import save_file
+    from safetensors.numpy import save
 
     check_canonical(tensors, config, "save portable")
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                 "model_config": json.dumps(to_dict(config)), "extra": json.dumps(extra or {}),
                 "tensors_sha256": tensors_checksum(tensors)}
-    save_file(tensors, str(path), metadata=metadata)
+    atomic_write_bytes(path, save(tensors, metadata=metadata))
 
 
 def tensors_checksum(tensors: dict[str, np.ndarray]) -> str:
