@@ -38,7 +38,7 @@ import numpy as np
 from data.augment import draw_augment_params
 from expert_core.config import MERGE_MODES, PRESETS, ModelConfig, block_merge, get_preset
 from expert_core.huge_pages import relaunch_with_huge_pages
-from expert_core.runfiles import cpu_name
+from expert_core.runfiles import cpu_name, cpu_vector_isa
 
 
 def block_shapes(config: ModelConfig, batch: int) -> list[tuple[int, int, int, int, int]]:
@@ -68,9 +68,8 @@ def model_flops_per_image(config: ModelConfig) -> float:
 def cpu_peak_gflops() -> tuple[float, str]:
     """cores x 2 FMA units x fp32 lanes x 2 flops x clock, from /proc/cpuinfo."""
     info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
     mhz = max([float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")] or [2000.0])
-    lanes = 16 if "avx512f" in flags else 8 if "avx2" in flags else 4
+    lanes = {"AVX-512": 16, "AVX2": 8}.get(cpu_vector_isa(), 4)
     # The CPUs this process may run on (taskset, cgroups), which both frameworks size their thread pools by.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     formula = f"{cores} core{'s' * (cores > 1)} x 2 FMA x {lanes} lanes x 2 x {mhz / 1000:.2f} GHz"
