@@ -92,25 +92,25 @@ def git_commit() -> str:
         return fallback
 
 
+def cpuinfo_values(field: str) -> list[str]:
+    """Every value of `field` in /proc/cpuinfo (one per logical CPU); [] where there is no such file."""
+    try:
+        lines = Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+    return [value.strip() for key, _, value in (line.partition(":") for line in lines) if key.strip() == field]
+
+
 def cpu_vector_isa() -> str:
     """The widest float32 vector extension the CPU reports: "AVX-512", "AVX2" or "" (unknown or neither).
     Two machines both named "AMD EPYC" ran the `fast` step 3x apart, one with AVX-512, one without."""
-    try:
-        info = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return ""
-    flags = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+    flags = next(iter(cpuinfo_values("flags")), "").split()
     return "AVX-512" if "avx512f" in flags else "AVX2" if "avx2" in flags else ""
 
 
 def cpu_name() -> str:
     """The CPU's model name with its vector extension, e.g. "AMD EPYC (AVX2)"."""
-    name = platform.processor() or platform.machine()
-    try:
-        name = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                    if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    name = next(iter(cpuinfo_values("model name")), None) or platform.processor() or platform.machine()
     isa = cpu_vector_isa()
     return f"{name} ({isa})" if isa else name
 

@@ -38,7 +38,7 @@ import numpy as np
 from data.augment import draw_augment_params
 from expert_core.config import MERGE_MODES, PRESETS, ModelConfig, block_merge, get_preset
 from expert_core.huge_pages import relaunch_with_huge_pages
-from expert_core.runfiles import cpu_name, cpu_vector_isa
+from expert_core.runfiles import cpu_name, cpu_vector_isa, cpuinfo_values
 
 
 def block_shapes(config: ModelConfig, batch: int) -> list[tuple[int, int, int, int, int]]:
@@ -67,8 +67,7 @@ def model_flops_per_image(config: ModelConfig) -> float:
 
 def cpu_peak_gflops() -> tuple[float, str]:
     """cores x 2 FMA units x fp32 lanes x 2 flops x clock, from /proc/cpuinfo."""
-    info = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    mhz = max([float(line.split(":")[1]) for line in info.splitlines() if line.startswith("cpu MHz")] or [2000.0])
+    mhz = max([float(v) for v in cpuinfo_values("cpu MHz")] or [2000.0])
     lanes = {"AVX-512": 16, "AVX2": 8}.get(cpu_vector_isa(), 4)
     # The CPUs this process may run on (taskset, cgroups), which both frameworks size their thread pools by.
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
