@@ -133,7 +133,10 @@ def assert_all_pass(rows):
 
 def test_all_checks_on_real_images(cifar10):
     images, labels = cifar10.test_images[:256], cifar10.test_labels[:256]
-    assert_all_pass(run_all(SMALL, SEED_RECIPE, images, labels, steps=20, batch_size=16))
+    rows = run_all(SMALL, SEED_RECIPE, images, labels, steps=20, batch_size=16)
+    assert_all_pass(rows)
+    reported_only = [r.quantity for r in rows if r.tolerance is None]
+    assert not reported_only, f"float32 left these rows to float64 on the fixed config: {reported_only}"
 
 
 configs = st.builds(
@@ -161,9 +164,10 @@ def _blocks(stem, specs):
     return blocks
 
 
-# Each framework's float32 gradient alone is up to ~6e-6 (relative) from float64 on small drawn
-# nets, so their difference can pass 1e-5 (1.27e-5 seen on one draw). Drawn configs get twice the
-# bound that the fixed configs (test_all_checks_on_real_images, check_parity.py) are held to.
+# Each framework's float32 gradient alone is up to ~1.7e-5 (relative) from float64 on small drawn
+# nets (PyTorch, K=2 expert bias, AMD EPYC with AVX2), so their difference can pass 1e-5 (2.3e-5
+# seen). Drawn configs get twice the bound that the fixed configs (test_all_checks_on_real_images,
+# check_parity.py) are held to, and float64 judges the draws whose two float32 errors sum past it.
 DRAWN_GRADIENT_TOLERANCE = 2 * GRADIENT_TOLERANCE
 
 
