@@ -34,7 +34,7 @@ from expert_core import portable, schedules
 from expert_core.config import AugmentConfig, ModelConfig, TrainConfig, parameter_dtype
 from expert_core.training import Predictions, TrainingError
 from flax_expert.augment import augment_batch
-from flax_expert.model import DEFAULT_MERGE, ExpertCNN, to_model_input
+from flax_expert.model import DEFAULT_MERGE, ExpertCNN, init_variables, to_model_input
 
 EVAL_BATCH = 500
 
@@ -63,7 +63,7 @@ def create_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.Gradien
 def create_train_state(model: ExpertCNN, config: TrainConfig, steps_per_epoch: int, key: jax.Array,
                        param_dtype=jnp.float32) -> TrainState:
     init_key, train_key = jax.random.split(key)
-    variables = model.init(init_key, jnp.zeros((1, 32, 32, 3), jnp.float32), train=False)
+    variables = init_variables(model, init_key)
     variables = jax.tree.map(lambda v: v.astype(param_dtype), variables)
     state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                               batch_stats=variables["batch_stats"], key=train_key,

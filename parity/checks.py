@@ -103,9 +103,14 @@ class Pair:
         return self.torch_net(torch_model.to_model_input(images), temperature=temperature, return_attention=True)
 
     def flax_forward(self, images, train: bool, temperature: float):
-        return self.flax_net.apply(self.variables, flax_model.to_model_input(jnp.asarray(images)), train=train,
-                                   temperature=temperature, return_attention=True,
-                                   mutable=["batch_stats"] if train else False)
+        return _flax_forward(self.flax_net, self.variables, flax_model.to_model_input(jnp.asarray(images)), train,
+                             temperature)
+
+
+@functools.partial(jax.jit, static_argnames=("net", "train"))
+def _flax_forward(net: flax_model.ExpertCNN, variables, x, train: bool, temperature):
+    return net.apply(variables, x, train=train, temperature=temperature, return_attention=True,
+                     mutable=["batch_stats"] if train else False)
 
 
 @_exact
@@ -173,7 +178,7 @@ def _gradients(pair: Pair, images, labels, temperature: float, smoothing: float,
                                    mutable=["batch_stats"])
         return flax_train.smoothed_cross_entropy(logits, jnp.asarray(labels), smoothing)
 
-    f_grads = flax_to_canonical({"params": jax.grad(loss_fn)(variables["params"]),
+    f_grads = flax_to_canonical({"params": jax.jit(jax.grad(loss_fn))(variables["params"]),
                                  "batch_stats": variables["batch_stats"]}, pair.config)
     return t_grads, f_grads
 

@@ -9,7 +9,7 @@ import pytest
 from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig
 from expert_core.portable import canonical_shapes, flax_to_canonical
 from flax_expert import model as flax_model
-from flax_expert.model import BatchNorm, ExpertCNN, batch_chunk, to_model_input
+from flax_expert.model import BatchNorm, ExpertCNN, batch_chunk, init_variables, to_model_input
 
 MIXED = ModelConfig(stem_channels=6, blocks=(BlockConfig(6, pool=False, residual=True), BlockConfig(10)),
                     num_experts=3, reduction=2, classifier_hidden=12, temperature=1.5)
@@ -29,7 +29,7 @@ def inputs(n=6, size=16, seed=1):
 
 
 def init(config, merge="aggregated"):
-    return ExpertCNN(config, merge).init(jax.random.PRNGKey(0), inputs(1), train=False)
+    return init_variables(ExpertCNN(config, merge), jax.random.PRNGKey(0))
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -86,7 +86,7 @@ def test_the_merges_agree_with_gradients(train):
 def test_auto_merge_aggregates_8x8_images_and_stacks_4x4_ones(record_merges):
     config = ModelConfig(stem_channels=4, blocks=(BlockConfig(6), BlockConfig(8)), num_experts=2)
     x = inputs(size=8)  # block 0 sees 8x8 images, block 1 4x4 ones
-    variables = ExpertCNN(config, "branches").init(jax.random.PRNGKey(0), x, train=False)
+    variables = init(config, "branches")
     reference = ExpertCNN(config, "branches").apply(variables, x, train=False)
     seen = record_merges(flax_model)
     np.testing.assert_allclose(ExpertCNN(config, "auto").apply(variables, x, train=False), reference, atol=1e-5)
@@ -163,12 +163,16 @@ def test_a_few_adam_steps_reduce_the_loss_on_a_fixed_batch():
                                       mutable=["batch_stats"], rngs={"dropout": jax.random.PRNGKey(0)})
         return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean(), updates["batch_stats"]
 
+    @jax.jit
+    def step(params, batch_stats, opt_state):
+        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
+        updates, opt_state = tx.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), batch_stats, opt_state, loss
+
     params, batch_stats, opt_state = variables["params"], variables["batch_stats"], tx.init(variables["params"])
     losses = []
     for _ in range(40):
-        (loss, batch_stats), grads = jax.value_and_grad(loss_fn, has_aux=True)(params, batch_stats)
-        updates, opt_state = tx.update(grads, opt_state, params)
-        params = optax.apply_updates(params, updates)
+        params, batch_stats, opt_state, loss = step(params, batch_stats, opt_state)
         losses.append(float(loss))
     assert losses[-1] < 0.5 * losses[0]
 

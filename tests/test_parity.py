@@ -14,6 +14,7 @@ from expert_core.config import LR_SCHEDULES, OPTIMIZERS, BlockConfig, ModelConfi
 from expert_core.portable import PortingError, canonical_shapes, load_portable, save_portable
 from flax_expert.model import ExpertCNN as FlaxExpertCNN
 from flax_expert.model import to_model_input as flax_to_model_input
+from flax_expert.model import init_variables
 from flax_expert.train import FlaxBackend
 from parity.checks import (GRADIENT_TOLERANCE, Pair, eval_checks, gradient_checks, optimizer_checks, run_all,
                            train_mode_checks)
@@ -29,8 +30,7 @@ SEED_RECIPE = get_preset("seed").train
 
 
 def flax_variables(config, seed=0):
-    variables = FlaxExpertCNN(config).init(jax.random.PRNGKey(seed), np.zeros((1, 32, 32, 3), np.float32),
-                                           train=False)
+    variables = init_variables(FlaxExpertCNN(config), jax.random.PRNGKey(seed))
     return jax.tree.map(np.asarray, dict(variables))
 
 
