@@ -195,10 +195,10 @@ def gradient_checks(pair: Pair, images, labels, temperature: float, smoothing: f
     """Every parameter's gradient in both frameworks, judged as the trajectory is.
 
     Float64 must agree to 1e-9. Float32 is judged at `tolerance` only where the two frameworks' float32
-    errors against their own float64 gradients add up to no more than it: a max-pool window whose top two values lie within
-    float32 rounding of each other sends its gradient to whichever pixel a framework's rounding
-    favours (seed preset, 32 test images, on a 2-core Intel Xeon: one window of 65,536 in block 2 of
-    PyTorch's float32 pass, which moved every gradient below it by up to 7.6e-3).
+    errors against their own float64 gradients add up to no more than it: a max-pool window whose top
+    two values lie within float32 rounding of each other sends its gradient to whichever pixel a
+    framework's rounding favours (seed preset, 32 test images, on a 2-core Intel Xeon: one window of
+    65,536 in block 2 of PyTorch's float32 pass, which moved every gradient below it by up to 7.6e-3).
     """
     with jax.enable_x64(True):
         t64, f64 = _gradients(pair, images, labels, temperature, smoothing, "float64")

@@ -13,8 +13,8 @@ from data.augment import translate_images
 from expert_core.config import LR_SCHEDULES, OPTIMIZERS, BlockConfig, ModelConfig, TrainConfig, get_preset
 from expert_core.portable import PortingError, canonical_shapes, load_portable, save_portable
 from flax_expert.model import ExpertCNN as FlaxExpertCNN
-from flax_expert.model import to_model_input as flax_to_model_input
 from flax_expert.model import init_variables
+from flax_expert.model import to_model_input as flax_to_model_input
 from flax_expert.train import FlaxBackend
 from parity.checks import (GRADIENT_TOLERANCE, Pair, eval_checks, gradient_checks, optimizer_checks, run_all,
                            train_mode_checks)
