@@ -145,6 +145,10 @@ LR_SCHEDULES = ("step", "onecycle")
 # "random": the stem conv as every other conv is initialised; "whitening": from the training images'
 # patch covariance (expert_core.whitening), the same numbers in both frameworks.
 STEM_INITS = ("random", "whitening")
+# "random": each expert kernel as nn.Conv's; "dirac": then, in every expert of every block, the first
+# min(in, out) output filters set to the identity (expert_core.dirac), so each block starts by passing
+# its input on, whatever the attention (airbench's "dirac" initialisation).
+EXPERT_KERNEL_INITS = ("random", "dirac")
 
 
 @dataclass(frozen=True)
@@ -166,6 +170,10 @@ class TrainConfig:
     label_smoothing: float = 0.1
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     stem_init: str = "random"  # one of STEM_INITS
+    expert_kernel_init: str = "random"  # one of EXPERT_KERNEL_INITS
+    # BatchNorm biases train at this multiple of the learning rate with their weight decay divided by
+    # it, so that their decay per step stays the other parameters' (airbench's "scalebias": 64).
+    norm_bias_lr_scale: float = 1.0
     temperature_start: float = 0.0  # > 0: anneal linearly from here to the model's temperature
     temperature_anneal_epochs: int = 0
     test_time_flip: bool = False
@@ -180,6 +188,11 @@ class TrainConfig:
             raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
         if self.stem_init not in STEM_INITS:
             raise ValueError(f"stem_init must be one of {STEM_INITS}, got {self.stem_init!r}")
+        if self.expert_kernel_init not in EXPERT_KERNEL_INITS:
+            raise ValueError(f"expert_kernel_init must be one of {EXPERT_KERNEL_INITS}, "
+                             f"got {self.expert_kernel_init!r}")
+        if not self.norm_bias_lr_scale > 0:
+            raise ValueError(f"norm_bias_lr_scale must be > 0, got {self.norm_bias_lr_scale}")
         if self.test_time_translate < 0:
             raise ValueError(f"test_time_translate must be >= 0 pixels, got {self.test_time_translate}")
 

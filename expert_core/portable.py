@@ -72,6 +72,12 @@ def _batchnorm(prefix: str, channels: int) -> dict[str, tuple[int, ...]]:
         f"{prefix}.{UNUSED_IN_FLAX}": ()}
 
 
+def norm_bias_names(config: ModelConfig) -> list[str]:
+    """The canonical names of the BatchNorm biases (the recipe's norm_bias_lr_scale applies to these)."""
+    return [name.removesuffix("running_mean") + "bias" for name in canonical_shapes(config)
+            if name.endswith(".running_mean")]
+
+
 def check_canonical(tensors: dict[str, np.ndarray], config: ModelConfig, direction: str,
                     partial: bool = False) -> None:
     """Every canonical tensor of `config` with its shape and nothing else; `partial`: some of them."""
@@ -100,6 +106,14 @@ def _flax_location(name: str, rank: int) -> tuple[str, tuple[str, ...], tuple[in
     if leaf == "bias":
         return "params", (*path, "bias"), None
     return "batch_stats", (*path, {"running_mean": "mean", "running_var": "var"}[leaf]), None
+
+
+def flax_params_path(name: str) -> tuple[str, ...]:
+    """Where the canonical bias `name` lives in Flax's `params` collection."""
+    collection, path, _ = _flax_location(name, rank=1)
+    if collection != "params" or not name.endswith(".bias"):
+        raise ValueError(f"expected the canonical name of a bias, such as 'stem.bn.bias'; got {name!r}")
+    return path
 
 
 def canonical_to_flax(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict:

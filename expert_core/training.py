@@ -21,6 +21,7 @@ import numpy as np
 from expert_core import checkpoints, plots, portable, runfiles, schedules
 from expert_core.config import (MERGE_MODES, OPTIMIZERS, PRECISIONS, PRESETS, ModelConfig, TrainConfig, get_preset,
                                 model_config_from_dict, to_dict, train_config_from_dict, with_overrides)
+from expert_core.dirac import dirac_weights
 from expert_core.whitening import whitening_stem_kernel
 
 
@@ -210,7 +211,7 @@ def resume_state(run_dir: Path, spec: RunSpec, backend: Backend) -> list[dict]:
     if checkpoint is None:  # killed before the first epoch ended: there is nothing to lose
         print(f"--resume: no usable checkpoint in {run_dir}; starting from the beginning", flush=True)
         return []
-    differences = _differences(checkpoint.header["run"], spec.as_dict())
+    differences = _differences(recorded_spec(checkpoint.header["run"]), spec.as_dict())
     if differences:
         raise TrainingError(f"--resume: {checkpoint.path} was written by a different run; differing "
                             f"fields (checkpoint -> now): {'; '.join(differences)}. Resume with the same "
@@ -226,11 +227,24 @@ def resume_state(run_dir: Path, spec: RunSpec, backend: Backend) -> list[dict]:
     return history
 
 
+def recorded_spec(run: dict) -> dict:
+    """A checkpoint's run spec with any recipe or model field added since it was written filled in at
+    its default, the value that run trained with: such a checkpoint resumes under the newer code."""
+    try:
+        return {**run, "model": to_dict(model_config_from_dict(run["model"])),
+                "train": to_dict(train_config_from_dict(run["train"]))}
+    except (TypeError, ValueError):  # a field this code does not know: _differences names it
+        return run
+
+
 def initialise_from_data(backend: Backend, train: TrainConfig, model: ModelConfig, train_x: np.ndarray) -> None:
-    """The recipe's data-dependent initialisation, before the first step (a resumed run has its own)."""
+    """The recipe's own initialisation of chosen weights, some from the data, before the first step
+    (a resumed run has its own)."""
     if train.stem_init == "whitening":
         kernel = whitening_stem_kernel(train_x, model.kernel_size, model.stem_channels)
         backend.replace_weights({"stem.conv.weight": kernel})
+    if train.expert_kernel_init == "dirac":
+        backend.replace_weights(dirac_weights(backend.canonical_weights()))
 
 
 def _differences(old, new, prefix="") -> list[str]:

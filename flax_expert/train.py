@@ -44,20 +44,42 @@ class TrainState(train_state.TrainState):
     key: jax.Array  # root of the per-step augmentation and dropout randomness
 
 
-def create_optimizer(config: TrainConfig, steps_per_epoch: int) -> optax.GradientTransformation:
+def create_optimizer(config: TrainConfig, steps_per_epoch: int,
+                     norm_biases: frozenset[tuple[str, ...]] = frozenset()) -> optax.GradientTransformation:
+    """The recipe's optimiser; `norm_biases` (params paths, `norm_bias_paths`) train at
+    config.norm_bias_lr_scale x its learning rate with weight decay / that scale, as a second
+    PyTorch parameter group does."""
+    if config.norm_bias_lr_scale == 1:
+        return _optimizer(config, steps_per_epoch, lr_scale=1.0)
+
+    def labels(params):
+        return flax.traverse_util.path_aware_map(
+            lambda path, _: "norm_bias" if tuple(path) in norm_biases else "other", params)
+
+    return optax.multi_transform({"other": _optimizer(config, steps_per_epoch, lr_scale=1.0),
+                                  "norm_bias": _optimizer(config, steps_per_epoch, config.norm_bias_lr_scale)},
+                                 labels)
+
+
+def _optimizer(config: TrainConfig, steps_per_epoch: int, lr_scale: float) -> optax.GradientTransformation:
     def schedule(count):
         # In the default float type: float32, or float64 under jax.enable_x64 (parity's float64 checks).
-        return schedules.learning_rate(jnp.asarray(count, float), config, steps_per_epoch, jnp)
+        return lr_scale * schedules.learning_rate(jnp.asarray(count, float), config, steps_per_epoch, jnp)
 
     b1, b2 = config.adam_betas
+    weight_decay = config.weight_decay / lr_scale
     if config.optimizer == "adamw":
-        return optax.adamw(schedule, b1, b2, config.adam_eps, weight_decay=config.weight_decay)
+        return optax.adamw(schedule, b1, b2, config.adam_eps, weight_decay=weight_decay)
     if config.optimizer == "sgd_nesterov":
         direction = optax.trace(decay=config.momentum, nesterov=True)
     else:
         direction = optax.scale_by_adam(b1, b2, config.adam_eps)
-    return optax.chain(optax.add_decayed_weights(config.weight_decay), direction,
-                       optax.scale_by_learning_rate(schedule))
+    return optax.chain(optax.add_decayed_weights(weight_decay), direction, optax.scale_by_learning_rate(schedule))
+
+
+def norm_bias_paths(config: ModelConfig) -> frozenset[tuple[str, ...]]:
+    """The params paths of a model's BatchNorm biases, for `create_optimizer`."""
+    return frozenset(portable.flax_params_path(name) for name in portable.norm_bias_names(config))
 
 
 def create_train_state(model: ExpertCNN, config: TrainConfig, steps_per_epoch: int, key: jax.Array,
@@ -67,7 +89,7 @@ def create_train_state(model: ExpertCNN, config: TrainConfig, steps_per_epoch: i
     variables = jax.tree.map(lambda v: v.astype(param_dtype), variables)
     state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                               batch_stats=variables["batch_stats"], key=train_key,
-                              tx=create_optimizer(config, steps_per_epoch))
+                              tx=create_optimizer(config, steps_per_epoch, norm_bias_paths(model.config)))
     # A Python 0 is weakly typed, the int32 step jit hands back is not: without this the second step recompiles.
     return state.replace(step=jnp.zeros((), jnp.int32))
 

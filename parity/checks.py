@@ -220,9 +220,10 @@ def train_both(pair: Pair, train_config: TrainConfig, batches, steps_per_epoch: 
     torch_backend = torch_train.TorchBackend(pair.config, train_config, steps_per_epoch=steps_per_epoch,
                                              seed=0, device="cpu", precision=dtype)
     torch_backend.model.load_state_dict(pair.torch_net.state_dict())
-    variables = jax.tree.map(lambda a: jnp.asarray(a, dtype), pair.variables)
+    # A copy: train_step donates its state, and the pair's own buffers must outlive this run.
+    variables = jax.tree.map(lambda a: jnp.array(a, dtype), pair.variables)
     flax_net = pair.flax_net.clone(compute_dtype=jnp.dtype(dtype))
-    tx = flax_train.create_optimizer(train_config, steps_per_epoch)
+    tx = flax_train.create_optimizer(train_config, steps_per_epoch, flax_train.norm_bias_paths(pair.config))
     state = flax_train.TrainState.create(apply_fn=flax_net.apply, params=variables["params"],
                                          batch_stats=variables["batch_stats"], tx=tx, key=jax.random.PRNGKey(0))
     for images, labels in batches:

@@ -2,6 +2,7 @@
 
 import dataclasses
 
+import flax
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 from expert_core.config import BlockConfig, ModelConfig, TrainConfig
 from flax_expert import train as flax_train
 from flax_expert.augment import augment_batch
+from flax_expert.model import init_variables
 
 CONFIG = ModelConfig(stem_channels=6, blocks=(BlockConfig(6), BlockConfig(10)), num_experts=2)
 RECIPE = TrainConfig(batch_size=16, epochs=2, step_size_epochs=1)
@@ -61,6 +63,22 @@ def test_adam_l2_is_weight_decay_added_to_the_gradient_before_adam():
     adamw = flax_train.create_optimizer(dataclasses.replace(recipe, optimizer="adamw"), steps_per_epoch=10)
     decoupled, _ = adamw.update(grads, adamw.init(params), params)
     assert not np.allclose(decoupled["w"], ours_update["w"])
+
+
+def test_only_batchnorm_biases_take_the_scaled_learning_rate():
+    params = init_variables(flax_train.ExpertCNN(CONFIG), jax.random.PRNGKey(0))["params"]
+    grads = jax.tree.map(jnp.ones_like, params)
+    recipe = TrainConfig(optimizer="sgd_nesterov", lr_schedule="step", learning_rate=0.1, weight_decay=0.0)
+    paths = flax_train.norm_bias_paths(CONFIG)
+
+    def first_update(scale):
+        tx = flax_train.create_optimizer(dataclasses.replace(recipe, norm_bias_lr_scale=scale), 10, paths)
+        return flax.traverse_util.flatten_dict(tx.update(grads, tx.init(params), params)[0])
+
+    plain, scaled = first_update(1.0), first_update(8.0)
+    assert set(paths) <= set(plain) and len(paths) == 1 + len(CONFIG.blocks)
+    for path, update in plain.items():
+        np.testing.assert_allclose(scaled[path], update * (8.0 if path in paths else 1.0), rtol=1e-6, err_msg=path)
 
 
 def test_on_device_augmentation_is_deterministic_per_key_and_keeps_dtype():

@@ -16,8 +16,8 @@ from flax_expert.model import ExpertCNN as FlaxExpertCNN
 from flax_expert.model import init_variables
 from flax_expert.model import to_model_input as flax_to_model_input
 from flax_expert.train import FlaxBackend
-from parity.checks import (GRADIENT_TOLERANCE, Pair, eval_checks, gradient_checks, optimizer_checks, run_all,
-                           train_mode_checks)
+from parity.checks import (GRADIENT_TOLERANCE, Pair, eval_checks, gradient_checks, optimizer_checks, parity_batches,
+                           run_all, train_mode_checks, trajectory_checks)
 from parity.convert import (canonical_to_torch, port_flax_to_torch, port_torch_to_flax, torch_to_canonical)
 from torch_reference.model import ExpertCNN as TorchExpertCNN
 from torch_reference.model import to_model_input as torch_to_model_input
@@ -137,6 +137,17 @@ def test_all_checks_on_real_images(cifar10):
     assert_all_pass(rows)
     reported_only = [r.quantity for r in rows if r.tolerance is None]
     assert not reported_only, f"float32 left these rows to float64 on the fixed config: {reported_only}"
+
+
+def test_batchnorm_biases_at_a_scaled_learning_rate_train_alike_in_both_frameworks(cifar10, monkeypatch):
+    images, labels = cifar10.test_images[:64], cifar10.test_labels[:64]
+    recipe = dataclasses.replace(get_preset("fast").train, norm_bias_lr_scale=64.0)
+    pair = Pair.from_torch(dataclasses.replace(SMALL, dropout=0.0))
+    batches = parity_batches(images, labels, recipe, steps=6, batch_size=16)
+    assert_all_pass(trajectory_checks(pair, recipe, batches, 2, images, SMALL.temperature))
+    monkeypatch.setattr(torch_train, "parameter_groups", lambda model, config: [{"params": list(model.parameters())}])
+    unscaled = trajectory_checks(pair, recipe, batches, 2, images, SMALL.temperature)
+    assert not unscaled[0].passed, unscaled[0]  # the parameters after 6 steps, float64
 
 
 configs = st.builds(

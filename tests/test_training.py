@@ -10,7 +10,9 @@ from expert_core import checkpoints, runfiles
 from expert_core.config import PRESETS, get_preset
 from expert_core.portable import PortingError
 from expert_core.report import evaluation_settings
-from expert_core.training import TrainingError, build_parser, initialise_from_data, main, run
+from expert_core.dirac import dirac_expert_kernels
+from expert_core.training import (RunSpec, TrainingError, build_parser, initialise_from_data, main, recorded_spec,
+                                  run)
 from expert_core.whitening import whitening_stem_kernel
 
 SHORT = ["--preset", "tiny", "--max-train-examples", "256", "--max-test-examples", "200", "--batch-size", "32"]
@@ -180,6 +182,29 @@ def test_both_frameworks_start_from_the_same_whitened_stem(cifar10):
         stems.append(backend.canonical_weights()["stem.conv.weight"])
     np.testing.assert_array_equal(stems[0], stems[1])
     np.testing.assert_array_equal(stems[0], whitening_stem_kernel(cifar10.train_images, 3, 8))
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_dirac_initialisation_changes_the_expert_kernels_and_nothing_else(framework, cifar10):
+    preset = get_preset("tiny")
+    train = dataclasses.replace(preset.train, expert_kernel_init="dirac")
+    backend = backend_factory(framework)(preset.model, train, steps_per_epoch=1, seed=0, device="cpu")
+    before = backend.canonical_weights()
+    initialise_from_data(backend, train, preset.model, cifar10.train_images)
+    after = backend.canonical_weights()
+    for key, value in after.items():
+        expected = dirac_expert_kernels(before[key]) if key.endswith(".kernels") else before[key]
+        np.testing.assert_array_equal(value, expected, err_msg=key)
+
+
+def test_a_checkpoint_written_before_a_recipe_field_existed_resumes_and_an_unknown_field_is_named():
+    spec = RunSpec("tiny", get_preset("tiny").model, get_preset("tiny").train, seed=0, max_train_examples=None)
+    older = spec.as_dict()
+    del older["train"]["norm_bias_lr_scale"], older["train"]["expert_kernel_init"]
+    assert recorded_spec(older) == spec.as_dict()
+    newer = spec.as_dict()
+    newer["train"]["lookahead"] = 0.5
+    assert recorded_spec(newer) == newer
 
 
 def test_loading_a_whole_model_refuses_a_partial_one():

@@ -43,13 +43,26 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     return resolved
 
 
+def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
+    """One group, or two when BatchNorm biases train at config.norm_bias_lr_scale x the learning rate
+    (with weight decay / that scale, so that their decay per step stays the others')."""
+    scale = config.norm_bias_lr_scale
+    if scale == 1:
+        return [{"params": list(model.parameters())}]
+    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
+    return [{"params": [p for p in model.parameters() if id(p) not in norm_biases]},
+            {"params": [p for p in model.parameters() if id(p) in norm_biases],
+             "lr": config.learning_rate * scale, "weight_decay": config.weight_decay / scale}]
+
+
 def make_optimizer(model: torch.nn.Module, config: TrainConfig, steps_per_epoch: int):
+    groups = parameter_groups(model, config)
     if config.optimizer == "sgd_nesterov":
-        optimizer = torch.optim.SGD(model.parameters(), lr=config.learning_rate, momentum=config.momentum,
+        optimizer = torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum,
                                     nesterov=True, weight_decay=config.weight_decay)
     else:
         kind = torch.optim.Adam if config.optimizer == "adam_l2" else torch.optim.AdamW
-        optimizer = kind(model.parameters(), lr=config.learning_rate, betas=config.adam_betas,
+        optimizer = kind(groups, lr=config.learning_rate, betas=config.adam_betas,
                          eps=config.adam_eps, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: float(schedules.learning_rate(step, config, steps_per_epoch)) / config.learning_rate)

@@ -6,7 +6,10 @@ probed on the seed network (about 20 minutes a run there). Each variant is regis
 `probe-<variant>` for this process only, then trained by the Flax script's own driver, so every
 run directory records its full config; the command line is the training script's.
 
-    python results/recipe-probe-intel/probe.py adamw --out runs/probe-adamw [training flags]
+    python scripts/probe_recipe.py adamw --out runs/probe-adamw [training flags]
+
+Results: results/recipe-probe-intel/ (2-core Intel Xeon; run as results/recipe-probe-intel/probe.py,
+this file's place until the AVX2 probes) and results/recipe-probe-amd-avx2/ (2-core AMD EPYC, AVX2).
 """
 
 import dataclasses
@@ -35,6 +38,10 @@ VARIANTS["sgd-lr0.2-crop2"] = dataclasses.replace(
 # airbench's other early-epoch trick: a first layer whose filters whiten the image patches.
 VARIANTS["sgd-lr0.2-whiten"] = dataclasses.replace(VARIANTS["sgd-lr0.2"], stem_init="whitening")
 VARIANTS["sgd-lr0.2-whiten-crop2"] = dataclasses.replace(VARIANTS["sgd-lr0.2-crop2"], stem_init="whitening")
+# The `fast` recipe since 4b64cce is sgd-lr0.2-whiten-crop2; airbench's next two tricks on top of it,
+# one at a time (expert_core.config.TrainConfig explains each).
+VARIANTS["dirac"] = dataclasses.replace(FAST, expert_kernel_init="dirac")
+VARIANTS["scalebias"] = dataclasses.replace(FAST, norm_bias_lr_scale=64.0)
 
 if __name__ == "__main__":
     variant = sys.argv[1]
