@@ -174,6 +174,11 @@ class TrainConfig:
     # BatchNorm biases train at this multiple of the learning rate with their weight decay divided by
     # it, so that their decay per step stays the other parameters' (airbench's "scalebias": 64).
     norm_bias_lr_scale: float = 1.0
+    # > 0: lookahead (airbench's, from hlb-cifar10): every this many optimiser steps, and at the last,
+    # a moving average of the weights (BatchNorm statistics included) takes in the current ones and
+    # training goes on from the average (expert_core.schedules.lookahead_decay).
+    lookahead_period: int = 0
+    lookahead_decay: float = 0.95  # per optimiser step; see schedules.lookahead_decay
     temperature_start: float = 0.0  # > 0: anneal linearly from here to the model's temperature
     temperature_anneal_epochs: int = 0
     test_time_flip: bool = False
@@ -191,6 +196,9 @@ class TrainConfig:
         if self.expert_kernel_init not in EXPERT_KERNEL_INITS:
             raise ValueError(f"expert_kernel_init must be one of {EXPERT_KERNEL_INITS}, "
                              f"got {self.expert_kernel_init!r}")
+        if self.lookahead_period < 0 or not 0 <= self.lookahead_decay < 1:
+            raise ValueError(f"lookahead_period must be >= 0 and lookahead_decay in [0, 1), got "
+                             f"{self.lookahead_period} and {self.lookahead_decay}")
         if not self.norm_bias_lr_scale > 0:
             raise ValueError(f"norm_bias_lr_scale must be > 0, got {self.norm_bias_lr_scale}")
         if self.test_time_translate < 0:

@@ -24,6 +24,21 @@ def learning_rate(step, config: TrainConfig, steps_per_epoch: int, xp=np):
     return config.learning_rate * xp.clip(xp.minimum(rising, falling), 0.0, 1.0)
 
 
+def lookahead_sync(step, config: TrainConfig, steps_per_epoch: int):
+    """Whether optimiser step `step` (0-based) ends with a lookahead sync: every lookahead_period-th
+    step and the last one (so training ends on the average); works on ints and traced arrays."""
+    done = step + 1
+    return (done % config.lookahead_period == 0) | (done == config.epochs * steps_per_epoch)
+
+
+def lookahead_decay(step, config: TrainConfig, steps_per_epoch: int):
+    """The average's decay at the sync after optimiser step `step`: it rises as the cube of progress
+    to lookahead_decay ** lookahead_period, so the average forgets the early weights at once and
+    smooths the late ones over a few syncs (airbench: 0.95 ** 5 x progress ** 3)."""
+    progress = (step + 1) / (config.epochs * steps_per_epoch)
+    return config.lookahead_decay ** config.lookahead_period * progress ** 3
+
+
 def temperature(epoch: int, model: ModelConfig, train: TrainConfig) -> float:
     """Attention temperature for an epoch: annealed linearly from train.temperature_start, if set."""
     if train.temperature_start <= 0 or train.temperature_anneal_epochs <= 0:

@@ -42,6 +42,26 @@ EVAL_BATCH = 500
 class TrainState(train_state.TrainState):
     batch_stats: Any
     key: jax.Array  # root of the per-step augmentation and dropout randomness
+    slow: Any = None  # lookahead's average of {"params", "batch_stats"}; None without lookahead
+
+
+def lookahead_of(config: TrainConfig, steps_per_epoch: int) -> tuple[TrainConfig, int] | None:
+    """The static argument that switches lookahead on in the train steps, or None for a recipe without it."""
+    return (config, steps_per_epoch) if config.lookahead_period else None
+
+
+def _lookahead(state: TrainState, lookahead: tuple[TrainConfig, int]) -> TrainState:
+    """After the step just taken: at a sync, the average takes in the weights, and they become it."""
+    config, steps_per_epoch = lookahead
+    step = state.step - 1
+
+    def sync(state):
+        decay = schedules.lookahead_decay(step, config, steps_per_epoch)
+        current = {"params": state.params, "batch_stats": state.batch_stats}
+        slow = jax.tree.map(lambda s, w: s + (1 - decay) * (w - s), state.slow, current)
+        return state.replace(params=slow["params"], batch_stats=slow["batch_stats"], slow=slow)
+
+    return jax.lax.cond(schedules.lookahead_sync(step, config, steps_per_epoch), sync, lambda s: s, state)
 
 
 def create_optimizer(config: TrainConfig, steps_per_epoch: int,
@@ -82,6 +102,14 @@ def norm_bias_paths(config: ModelConfig) -> frozenset[tuple[str, ...]]:
     return frozenset(portable.flax_params_path(name) for name in portable.norm_bias_names(config))
 
 
+def lookahead_start(variables, config: TrainConfig) -> dict | None:
+    """Lookahead's average before the first step: a copy of the weights (the step donates its state,
+    which must not hold one buffer twice); None for a recipe without lookahead."""
+    if not config.lookahead_period:
+        return None
+    return jax.tree.map(jnp.copy, {"params": variables["params"], "batch_stats": variables["batch_stats"]})
+
+
 def create_train_state(model: ExpertCNN, config: TrainConfig, steps_per_epoch: int, key: jax.Array,
                        param_dtype=jnp.float32) -> TrainState:
     init_key, train_key = jax.random.split(key)
@@ -89,7 +117,8 @@ def create_train_state(model: ExpertCNN, config: TrainConfig, steps_per_epoch: i
     variables = jax.tree.map(lambda v: v.astype(param_dtype), variables)
     state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                               batch_stats=variables["batch_stats"], key=train_key,
-                              tx=create_optimizer(config, steps_per_epoch, norm_bias_paths(model.config)))
+                              tx=create_optimizer(config, steps_per_epoch, norm_bias_paths(model.config)),
+                              slow=lookahead_start(variables, config))
     # A Python 0 is weakly typed, the int32 step jit hands back is not: without this the second step recompiles.
     return state.replace(step=jnp.zeros((), jnp.int32))
 
@@ -99,7 +128,7 @@ def smoothed_cross_entropy(logits, labels, smoothing: float):
     return optax.softmax_cross_entropy(logits, targets).mean()
 
 
-def _update(state: TrainState, images, labels, temperature, dropout_key, smoothing: float):
+def _update(state: TrainState, images, labels, temperature, dropout_key, smoothing: float, lookahead):
     def loss_fn(params):
         logits, updates = state.apply_fn(
             {"params": params, "batch_stats": state.batch_stats}, to_model_input(images), train=True,
@@ -108,25 +137,29 @@ def _update(state: TrainState, images, labels, temperature, dropout_key, smoothi
 
     (loss, (logits, batch_stats)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
+    if lookahead is not None:
+        state = _lookahead(state, lookahead)
     return state, {"loss": loss, "correct": jnp.sum(jnp.argmax(logits, -1) == labels),
                    "grad_norm": optax.tree.norm(grads)}
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames=("smoothing",))
-def train_step(state: TrainState, images, labels, temperature, smoothing: float):
-    """One step on an already augmented uint8 batch (how parity feeds identical batches to both sides)."""
-    return _update(state, images, labels, temperature, jax.random.fold_in(state.key, state.step), smoothing)
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("smoothing", "lookahead"))
+def train_step(state: TrainState, images, labels, temperature, smoothing: float, lookahead=None):
+    """One step on an already augmented uint8 batch (how parity feeds identical batches to both sides);
+    `lookahead`: `lookahead_of(recipe, steps_per_epoch)`."""
+    return _update(state, images, labels, temperature, jax.random.fold_in(state.key, state.step), smoothing,
+                   lookahead)
 
 
-@functools.partial(jax.jit, donate_argnums=0, static_argnames=("augment", "smoothing"))
+@functools.partial(jax.jit, donate_argnums=0, static_argnames=("augment", "smoothing", "lookahead"))
 def augmented_train_step(state: TrainState, images, labels, temperature, augment: AugmentConfig,
-                         smoothing: float):
+                         smoothing: float, lookahead=None):
     """One step that first augments the raw uint8 batch on the device, from the state's key and step."""
     augment_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
     # The barrier makes XLA write the augmented batch once: fused into its consumers (the stem's nine
     # shifted patch slices) the augmentation's gathers were recomputed for each.
     augmented = jax.lax.optimization_barrier(augment_batch(images, augment_key, augment))
-    return _update(state, augmented, labels, temperature, dropout_key, smoothing)
+    return _update(state, augmented, labels, temperature, dropout_key, smoothing, lookahead)
 
 
 @functools.partial(jax.jit, static_argnames=("test_time_flip", "translate"))
@@ -197,6 +230,7 @@ class FlaxBackend:
         self.device = kind if len(mesh_devices) == 1 else f"{len(mesh_devices)} x {kind}"
         self.config = train_config
         self.model_config = model_config
+        self.lookahead = lookahead_of(train_config, steps_per_epoch)
         if precision == "float64":
             jax.config.update("jax_enable_x64", True)  # for the whole process: JAX has no float64 without it
         model = ExpertCNN(model_config, merge=merge or DEFAULT_MERGE, compute_dtype=jnp.dtype(precision))
@@ -223,7 +257,8 @@ class FlaxBackend:
         if step != int(self.state.step):
             raise RuntimeError(f"expected optimiser step {int(self.state.step)}, the driver asked for {step}")
         self.state, metrics = augmented_train_step(self.state, self.shard(images), self.shard(labels),
-                                                   temperature, self.config.augment, self.config.label_smoothing)
+                                                   temperature, self.config.augment, self.config.label_smoothing,
+                                                   self.lookahead)
         return metrics["loss"], metrics["correct"], metrics["grad_norm"]
 
     def shard(self, batch: np.ndarray) -> jax.Array:
@@ -258,6 +293,11 @@ class FlaxBackend:
         self.state = self.state.replace(params=jax.tree.map(keep, variables["params"], self.state.params),
                                         batch_stats=jax.tree.map(keep, variables["batch_stats"],
                                                                  self.state.batch_stats))
+        # The average starts again from the new weights.
+        self.state = self.state.replace(slow=lookahead_start(
+            {"params": self.state.params, "batch_stats": self.state.batch_stats}, self.config))
 
     def load_state_bytes(self, payload: bytes) -> None:
-        self.state = jax.device_put(flax.serialization.from_bytes(self.state, payload), self.replicated)
+        restored = flax.serialization.msgpack_restore(payload)
+        restored.setdefault("slow", None)  # written before lookahead existed, by a run without it
+        self.state = jax.device_put(flax.serialization.from_state_dict(self.state, restored), self.replicated)

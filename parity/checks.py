@@ -225,10 +225,12 @@ def train_both(pair: Pair, train_config: TrainConfig, batches, steps_per_epoch: 
     flax_net = pair.flax_net.clone(compute_dtype=jnp.dtype(dtype))
     tx = flax_train.create_optimizer(train_config, steps_per_epoch, flax_train.norm_bias_paths(pair.config))
     state = flax_train.TrainState.create(apply_fn=flax_net.apply, params=variables["params"],
-                                         batch_stats=variables["batch_stats"], tx=tx, key=jax.random.PRNGKey(0))
+                                         batch_stats=variables["batch_stats"], tx=tx, key=jax.random.PRNGKey(0),
+                                         slow=flax_train.lookahead_start(variables, train_config))
+    lookahead = flax_train.lookahead_of(train_config, steps_per_epoch)
     for images, labels in batches:
         torch_backend.step_on_batch(images, labels, temperature)
-        state, _ = flax_train.train_step(state, images, labels, temperature, train_config.label_smoothing)
+        state, _ = flax_train.train_step(state, images, labels, temperature, train_config.label_smoothing, lookahead)
     return Pair(pair.config, torch_backend.model, flax_net, {"params": state.params, "batch_stats": state.batch_stats})
 
 

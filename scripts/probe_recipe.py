@@ -25,27 +25,35 @@ from expert_core.training import main  # noqa: E402
 from flax_expert.train import FlaxBackend  # noqa: E402
 
 FAST = PRESETS["fast"].train
+# The `fast` recipe as the first probes found it (pad-4 crops, a random stem): they change it one
+# thing at a time, so they start from it, not from what they made of it.
+BEFORE = dataclasses.replace(FAST, augment=dataclasses.replace(FAST.augment, crop_padding=4), stem_init="random")
 VARIANTS = {
     # The `fast` recipe before 52fa8ac ("fast v2" in the README), which these probes replaced.
-    "adamw": dataclasses.replace(FAST, optimizer="adamw", learning_rate=2e-3, weight_decay=0.05),
-    "sgd-lr0.1": dataclasses.replace(FAST, optimizer="sgd_nesterov", learning_rate=0.1, weight_decay=5e-4),
-    "sgd-lr0.2": dataclasses.replace(FAST, optimizer="sgd_nesterov", learning_rate=0.2, weight_decay=5e-4),
-    "sgd-lr0.4": dataclasses.replace(FAST, optimizer="sgd_nesterov", learning_rate=0.4, weight_decay=5e-4),
+    "adamw": dataclasses.replace(BEFORE, optimizer="adamw", learning_rate=2e-3, weight_decay=0.05),
+    "sgd-lr0.1": dataclasses.replace(BEFORE, learning_rate=0.1),
+    "sgd-lr0.2": BEFORE,
+    "sgd-lr0.4": dataclasses.replace(BEFORE, learning_rate=0.4),
 }
 # airbench's finding, that a short run wants a lighter augmentation: pad-2 crops instead of pad-4.
-VARIANTS["sgd-lr0.2-crop2"] = dataclasses.replace(
-    VARIANTS["sgd-lr0.2"], augment=dataclasses.replace(FAST.augment, crop_padding=2))
+VARIANTS["sgd-lr0.2-crop2"] = dataclasses.replace(BEFORE, augment=FAST.augment)
 # airbench's other early-epoch trick: a first layer whose filters whiten the image patches.
-VARIANTS["sgd-lr0.2-whiten"] = dataclasses.replace(VARIANTS["sgd-lr0.2"], stem_init="whitening")
-VARIANTS["sgd-lr0.2-whiten-crop2"] = dataclasses.replace(VARIANTS["sgd-lr0.2-crop2"], stem_init="whitening")
-# The `fast` recipe since 4b64cce is sgd-lr0.2-whiten-crop2; airbench's next two tricks on top of it,
-# one at a time (expert_core.config.TrainConfig explains each).
+VARIANTS["sgd-lr0.2-whiten"] = dataclasses.replace(BEFORE, stem_init="whitening")
+VARIANTS["sgd-lr0.2-whiten-crop2"] = FAST  # the `fast` recipe since 4b64cce
+# airbench's next tricks on top of it, one at a time (expert_core.config.TrainConfig explains each).
 VARIANTS["dirac"] = dataclasses.replace(FAST, expert_kernel_init="dirac")
 VARIANTS["scalebias"] = dataclasses.replace(FAST, norm_bias_lr_scale=64.0)
+# airbench: "lookahead only helps when combined with fast BatchNorm momentum": its 0.6, PyTorch's 0.4.
+VARIANTS["lookahead"] = dataclasses.replace(FAST, lookahead_period=5)
+MODEL_CHANGES = {"lookahead": {"bn_momentum": 0.4}}
+# The expert blocks' own trick: softer attention for the first half of the probe's 8 epochs, so that
+# every expert gets gradient before the attention picks (temperature 5 -> the model's 1, linearly).
+VARIANTS["temperature"] = dataclasses.replace(FAST, temperature_start=5.0, temperature_anneal_epochs=4)
 
 if __name__ == "__main__":
     variant = sys.argv[1]
     recipe = dataclasses.replace(VARIANTS[variant], epochs=8)
-    PRESETS[f"probe-{variant}"] = Preset(f"probe-{variant}", PRESETS["seed"].model, recipe,
+    model = dataclasses.replace(PRESETS["seed"].model, **MODEL_CHANGES.get(variant, {}))
+    PRESETS[f"probe-{variant}"] = Preset(f"probe-{variant}", model, recipe,
                                          f"seed network, fast recipe ({variant}), 8 epochs")
     sys.exit(main(FlaxBackend, "flax", ["--preset", f"probe-{variant}", *sys.argv[2:]]))

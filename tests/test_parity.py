@@ -150,6 +150,18 @@ def test_batchnorm_biases_at_a_scaled_learning_rate_train_alike_in_both_framewor
     assert not unscaled[0].passed, unscaled[0]  # the parameters after 6 steps, float64
 
 
+def test_lookahead_trains_alike_in_both_frameworks(cifar10, monkeypatch):
+    images, labels = cifar10.test_images[:64], cifar10.test_labels[:64]
+    # Three epochs of two steps: syncs after steps 2, 4 and 6, the last at decay 0.95 ** 2.
+    recipe = dataclasses.replace(get_preset("fast").train, epochs=3, lookahead_period=2)
+    pair = Pair.from_torch(dataclasses.replace(SMALL, dropout=0.0))
+    batches = parity_batches(images, labels, recipe, steps=6, batch_size=16)
+    assert_all_pass(trajectory_checks(pair, recipe, batches, 2, images, SMALL.temperature))
+    monkeypatch.setattr(torch_train.Lookahead, "after_step", lambda self, step: None)
+    without = trajectory_checks(pair, recipe, batches, 2, images, SMALL.temperature)
+    assert not without[0].passed, without[0]
+
+
 configs = st.builds(
     lambda blocks, stem, k, r, kernel, hidden, temperature: ModelConfig(
         stem_channels=stem, blocks=tuple(blocks(stem)), num_experts=k, reduction=r, kernel_size=kernel,

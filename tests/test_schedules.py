@@ -51,3 +51,11 @@ def test_temperature_anneals_linearly_to_the_model_temperature():
     assert schedules.temperature(5, model, train) == pytest.approx(16.0)
     assert schedules.temperature(10, model, train) == schedules.temperature(50, model, train) == 1.0
     assert schedules.temperature(3, model, TrainConfig()) == 1.0
+
+
+def test_lookahead_syncs_every_period_and_at_the_last_step_with_airbenchs_decay():
+    recipe = TrainConfig(epochs=2, lookahead_period=5, lookahead_decay=0.95)
+    synced = [step for step in range(2 * 12) if schedules.lookahead_sync(step, recipe, 12)]
+    assert synced == [4, 9, 14, 19, 23]
+    decays = [schedules.lookahead_decay(step, recipe, 12) for step in synced]
+    np.testing.assert_allclose(decays, [0.95 ** 5 * (n / 24) ** 3 for n in (5, 10, 15, 20, 24)])

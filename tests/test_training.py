@@ -82,6 +82,14 @@ def test_resume_gives_the_same_run_as_no_interruption(framework, tmp_path):
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_resume_keeps_the_lookahead_average(framework, tmp_path, monkeypatch):
+    tiny = get_preset("tiny")
+    monkeypatch.setitem(PRESETS, "tiny", dataclasses.replace(tiny, train=dataclasses.replace(
+        tiny.train, lookahead_period=3)))
+    test_resume_gives_the_same_run_as_no_interruption(framework, tmp_path)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_same_seed_same_losses_and_other_seed_differs(framework, tmp_path):
     twenty_steps = ["--epochs", "1", "--max-train-examples", "640"]
     first = train(framework, tmp_path / "a", *twenty_steps)

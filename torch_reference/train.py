@@ -69,6 +69,29 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, steps_per_epoch:
     return optimizer, scheduler
 
 
+class Lookahead:
+    """airbench's lookahead: at a sync (expert_core.schedules) a moving average of the model's float
+    tensors, BatchNorm statistics included, takes in the current ones, and the model becomes it."""
+
+    def __init__(self, model: torch.nn.Module, config: TrainConfig, steps_per_epoch: int):
+        self.model, self.config, self.steps_per_epoch = model, config, steps_per_epoch
+        self.restart()
+
+    def restart(self) -> None:
+        self.slow = {name: value.detach().clone() for name, value in self.model.state_dict().items()
+                     if value.is_floating_point()}
+
+    @torch.no_grad()
+    def after_step(self, step: int) -> None:
+        if not schedules.lookahead_sync(step, self.config, self.steps_per_epoch):
+            return
+        keep = 1 - schedules.lookahead_decay(step, self.config, self.steps_per_epoch)
+        for name, weight in self.model.state_dict().items():  # these share the model's storage
+            if name in self.slow:
+                self.slow[name].add_(weight - self.slow[name], alpha=keep)
+                weight.copy_(self.slow[name])
+
+
 def augment_on_device(images: np.ndarray, params: AugmentParams, padding: int, device: torch.device) -> torch.Tensor:
     """data.augment's pixel maths in torch on `device`, so a GPU step does not wait for the host to
     augment in numpy (about half of the step on an H200). On the CPU it is numpy's result bit for bit."""
@@ -105,6 +128,7 @@ class TorchBackend:
             distributed.join_process_group(self.torch_device)
             self.trained = distributed.data_parallel(self.model, self.torch_device)
         self.optimizer, self.scheduler = make_optimizer(self.model, train_config, steps_per_epoch)
+        self.lookahead = Lookahead(self.model, train_config, steps_per_epoch) if train_config.lookahead_period else None
 
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "numpy": np.__version__}
@@ -135,6 +159,8 @@ class TorchBackend:
                                                           if p.grad is not None]))
         self.optimizer.step()
         self.scheduler.step()
+        if self.lookahead:
+            self.lookahead.after_step(self.scheduler.last_epoch - 1)  # the step just taken, 0-based
         metrics = torch.stack([loss.detach(), (logits.argmax(1) == y).sum().float()])
         if self.world.size > 1:  # equal shares: the global mean loss is the mean of the processes' means
             dist.all_reduce(metrics)
@@ -167,7 +193,8 @@ class TorchBackend:
     def state_bytes(self) -> bytes:
         buffer = io.BytesIO()
         torch.save({"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
-                    "scheduler": self.scheduler.state_dict()}, buffer)
+                    "scheduler": self.scheduler.state_dict(),
+                    "lookahead": self.lookahead.slow if self.lookahead else None}, buffer)
         return buffer.getvalue()
 
     def canonical_weights(self) -> dict[str, np.ndarray]:
@@ -177,12 +204,16 @@ class TorchBackend:
         portable.check_canonical(tensors, self.model.config, "replace_weights", partial=True)
         self.model.load_state_dict({**self.model.state_dict(),
                                     **{key: torch.as_tensor(value) for key, value in tensors.items()}})
+        if self.lookahead:  # the average starts again from the new weights
+            self.lookahead.restart()
 
     def load_state_bytes(self, payload: bytes) -> None:
         state = torch.load(io.BytesIO(payload), map_location=self.torch_device, weights_only=True)
         self.model.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
+        if self.lookahead:
+            self.lookahead.slow = state["lookahead"]
 
 
 def _check_world(world: distributed.World, batch_size: int, devices: int | None) -> None:
