@@ -45,7 +45,9 @@ VARIANTS["dirac"] = dataclasses.replace(FAST, expert_kernel_init="dirac")
 VARIANTS["scalebias"] = dataclasses.replace(FAST, norm_bias_lr_scale=64.0)
 # airbench: "lookahead only helps when combined with fast BatchNorm momentum": its 0.6, PyTorch's 0.4.
 VARIANTS["lookahead"] = dataclasses.replace(FAST, lookahead_period=5)
-MODEL_CHANGES = {"lookahead": {"bn_momentum": 0.4}}
+# The two that did not hurt alone, together.
+VARIANTS["scalebias-lookahead"] = dataclasses.replace(VARIANTS["scalebias"], lookahead_period=5)
+MODEL_CHANGES = {name: {"bn_momentum": 0.4} for name in ("lookahead", "scalebias-lookahead")}
 # The expert blocks' own trick: softer attention for the first half of the probe's 8 epochs, so that
 # every expert gets gradient before the attention picks (temperature 5 -> the model's 1, linearly).
 VARIANTS["temperature"] = dataclasses.replace(FAST, temperature_start=5.0, temperature_anneal_epochs=4)
