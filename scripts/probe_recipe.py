@@ -44,6 +44,7 @@ VARIANTS["sgd-lr0.2-whiten-crop2"] = FAST  # the `fast` recipe from 4b64cce to t
 # airbench's next tricks on top of it, one at a time (expert_core.config.TrainConfig explains each).
 VARIANTS["dirac"] = dataclasses.replace(FAST, expert_kernel_init="dirac")
 VARIANTS["scalebias"] = dataclasses.replace(FAST, norm_bias_lr_scale=64.0)  # `fast` since these probes
+VARIANTS["scalebias16"] = dataclasses.replace(FAST, norm_bias_lr_scale=16.0)  # is 64 the right multiple?
 # airbench: "lookahead only helps when combined with fast BatchNorm momentum": its 0.6, PyTorch's 0.4.
 VARIANTS["lookahead"] = dataclasses.replace(FAST, lookahead_period=5)
 # The two that did not hurt alone, together.
