@@ -9,8 +9,8 @@ run directory records its full config; the command line is the training script's
     python scripts/probe_recipe.py adamw --out runs/probe-adamw [training flags]
 
 Results: results/recipe-probe-intel/ (2-core Intel Xeon; run as results/recipe-probe-intel/probe.py,
-this file's place until the AVX2 probes) results/recipe-probe-amd-avx2/ (2-core AMD EPYC, AVX2) and results/recipe-probe-amd-avx512/
-(2-core AMD EPYC, AVX-512).
+this file's place until the AVX2 probes), results/recipe-probe-amd-avx2/ (2-core AMD EPYC, AVX2) and
+results/recipe-probe-amd-avx512/ (2-core AMD EPYC, AVX-512).
 """
 
 import dataclasses
