@@ -18,11 +18,14 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator  # noqa: E402
 
+from expert_core.runfiles import evaluated_epochs  # noqa: E402
+
 RUN_COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
 
 
 def plot_curves(runs: list[dict] | dict[str, list[dict]], path: Path, title: str = "") -> None:
-    """Loss, accuracy and learning rate per epoch; `runs` is one run's history or {label: history}."""
+    """Loss, accuracy and learning rate per epoch (test points at the evaluated epochs only); `runs` is one
+    run's history or {label: history}."""
     runs = runs if isinstance(runs, dict) else {"": runs}
     fig, (loss_ax, acc_ax, lr_ax) = plt.subplots(1, 3, figsize=(15, 4.4), layout="constrained")
     for colour, (label, history) in zip(itertools.cycle(RUN_COLOURS), runs.items()):
@@ -33,7 +36,8 @@ def plot_curves(runs: list[dict] | dict[str, list[dict]], path: Path, title: str
             # Markers: a one-epoch run is a single point, which a bare line would not draw at all.
             ax.plot(epochs, [r[f"train_{key}"] for r in history], "--o", color=split_colours[0], markersize=4,
                     label=f"{prefix}train (augmented, during the epoch)")
-            ax.plot(epochs, [r[f"test_{key}"] for r in history], "-s", color=split_colours[1], markersize=4,
+            tested = evaluated_epochs(history)
+            ax.plot([r["epoch"] for r in tested], [r[f"test_{key}"] for r in tested], "-s", color=split_colours[1], markersize=4,
                     label=f"{prefix}test (after the epoch)")
         lr_ax.plot(epochs, [r["learning_rate"] for r in history], "-o", color=colour, markersize=4)
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy (label-smoothed for train)", title="loss")
@@ -109,7 +113,8 @@ def plot_attention_per_class(per_class: np.ndarray, class_names, path: Path, tit
 
 
 def plot_expert_usage(history: list[dict], path: Path, title: str = "") -> None:
-    """Per block, the mean attention of each expert per epoch; and each block's attention entropy."""
+    """Per block, the mean attention of each expert per evaluated epoch; and each block's attention entropy."""
+    history = evaluated_epochs(history)
     usage = np.array([row["expert_usage"] for row in history])  # (epochs, blocks, experts)
     entropy = np.array([row["attention_entropy"] for row in history])  # (epochs, blocks)
     epochs = [row["epoch"] for row in history]

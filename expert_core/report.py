@@ -67,9 +67,10 @@ def load_run(path: Path) -> Run:
                           f"train_torch.py (with {runfiles.METRICS_FILE}), found {found}. Pass a run's --out "
                           "directory.")
     history = runfiles.read_metrics(path)
-    if not history:
-        raise ReportError(f"{path / runfiles.METRICS_FILE}: expected one line per finished epoch, found none; "
-                          "report on the run once its first epoch has finished.")
+    if not runfiles.evaluated_epochs(history):
+        raise ReportError(f"{path / runfiles.METRICS_FILE}: expected at least one epoch followed by a test "
+                          f"evaluation, found {len(history)} epochs and none evaluated; report on the run once "
+                          "its first evaluation has run.")
     summary_path, evaluation_path = path / runfiles.SUMMARY_FILE, path / runfiles.EVALUATION_FILE
     try:
         summary = json.loads(summary_path.read_text()) if summary_path.is_file() else None
@@ -140,7 +141,7 @@ def build_report(run_dirs, out_dir, dataset=None, data_problem: str = "", grid_s
 def summary_section(runs: list[Run]) -> str:
     rows = [("directory", [str(run.path) for run in runs])]
     rows += [(name, [_summary_value(run, key) for run in runs]) for name, key in SUMMARY_ROWS]
-    rows.append(("attention entropy / ln K, last epoch", [_entropy_fraction(run) for run in runs]))
+    rows.append(("attention entropy / ln K, last evaluated epoch", [_entropy_fraction(run) for run in runs]))
     header = "".join(f"<th>{_e(run.label)}</th>" for run in runs)
     body = "".join(f"<tr><th>{_e(name)}</th>{''.join(f'<td>{_e(v)}</td>' for v in values)}</tr>"
                    for name, values in rows)
@@ -150,20 +151,20 @@ def summary_section(runs: list[Run]) -> str:
 
 
 SUMMARY_ROWS = (("framework", "framework"), ("preset", "preset"), ("epochs finished", "epochs"),
-                ("test accuracy, last epoch", "test_accuracy"), ("best test accuracy (epoch)", "best"),
+                ("test accuracy, last evaluated epoch", "test_accuracy"), ("best test accuracy (epoch)", "best"),
                 ("train / test images", "examples"), ("train images / s", "images_per_second"),
                 ("train wall time", "train_wall_seconds"), ("device", "device"), ("precision", "precision"),
                 ("data", "data_source"), ("git commit", "git_commit"), ("command", "command"))
 
 
 def _summary_value(run: Run, key: str) -> str:
-    last, summary = run.history[-1], run.summary or {}
+    tested, summary = runfiles.evaluated_epochs(run.history), run.summary or {}
     if key == "epochs":
         return str(len(run.history)) + ("" if run.summary else " (still training, or stopped early)")
     if key == "test_accuracy":
-        return f"{last['test_accuracy']:.2f} %"
+        return f"{tested[-1]['test_accuracy']:.2f} % ({tested[-1]['epoch']})"
     if key == "best":
-        best = max(run.history, key=lambda row: row["test_accuracy"])
+        best = max(tested, key=lambda row: row["test_accuracy"])
         return f"{best['test_accuracy']:.2f} % ({best['epoch']})"
     if not run.summary:
         return "n/a (no summary.json yet)"
@@ -177,11 +178,11 @@ def _summary_value(run: Run, key: str) -> str:
 
 
 def _entropy_fraction(run: Run) -> str:
-    experts = len(run.history[-1]["expert_usage"][0])
+    last = runfiles.evaluated_epochs(run.history)[-1]
+    experts = len(last["expert_usage"][0])
     if experts < 2:
         return "n/a (one expert)"
-    return ", ".join(f"block {b}: {h / np.log(experts):.3f}"
-                     for b, h in enumerate(run.history[-1]["attention_entropy"]))
+    return ", ".join(f"block {b}: {h / np.log(experts):.3f}" for b, h in enumerate(last["attention_entropy"]))
 
 
 def curves_section(runs: list[Run], out_dir: Path) -> str:
@@ -235,7 +236,7 @@ def usage_section(runs: list[Run], out_dir: Path) -> str:
         name = f"{run.slug}-expert-usage.png"
         plots.plot_expert_usage(run.history, out_dir / name, f"expert usage over training · {run.label}")
         figures.append(_figure(name, f"expert usage over training of {run.label}"))
-    return _section("Expert usage over training", "One point per epoch, measured on the test images. An "
+    return _section("Expert usage over training", "One point per evaluated epoch, measured on the test images. An "
                     "expert whose mean attention goes to 0 is dying (collapse onto the others); entropy falling "
                     "from ln K towards 0 means each image chooses fewer experts (specialisation), while usage can "
                     "stay balanced across images.", "".join(figures))

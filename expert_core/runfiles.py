@@ -39,6 +39,11 @@ def read_metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
 
 
+def evaluated_epochs(history: list[dict]) -> list[dict]:
+    """The epochs followed by a test-set evaluation (every epoch unless the run evaluated less often)."""
+    return [row for row in history if "test_accuracy" in row]
+
+
 def write_json(path: Path, payload: dict) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
 

@@ -114,6 +114,8 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-train-examples", type=int, help="train on a fixed random N of the training images")
     parser.add_argument("--max-test-examples", type=int, help="evaluate on a fixed random N of the test images")
+    parser.add_argument("--eval-every", type=int, metavar="N", help="evaluate on the test set after every N "
+                        "epochs and after the last; default: the preset's")
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
     parser.add_argument("--overwrite", action="store_true", help="delete an existing run directory first")
     return parser
@@ -143,6 +145,9 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
     train_x, train_y = subset(dataset.train_images, dataset.train_labels, args.max_train_examples)
     test_index = subset_index(len(dataset.test_labels), args.max_test_examples)
     test_x, test_y = dataset.test_images[test_index], dataset.test_labels[test_index]
+    eval_every = args.eval_every or preset.eval_every_epochs
+    if eval_every < 1:
+        raise TrainingError(f"expected --eval-every of at least 1 epoch, found {eval_every}.")
     steps_per_epoch = len(train_x) // spec.train.batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"expected at least one batch of {spec.train.batch_size} training images, found "
@@ -158,20 +163,20 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
         initialise_from_data(backend, spec.train, spec.model, train_x)
     context = dict(spec=spec, backend=backend, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
                    class_names=dataset.class_names, data_source=dataset.source, merge=args.merge,
-                   precision=args.precision, git_commit=git_commit, test_index=test_index)
+                   precision=args.precision, git_commit=git_commit, test_index=test_index,
+                   eval_every_epochs=eval_every)
     predictions = None
     for epoch in range(len(history), spec.train.epochs):
         epoch_start = time.perf_counter()
         row = train_epoch(backend, spec, epoch, train_x, train_y, steps_per_epoch)
-        predictions = backend.predict(test_x, row["temperature"])
-        row.update(evaluate(predictions, test_y))
+        if (epoch + 1) % eval_every == 0 or epoch + 1 == spec.train.epochs:
+            predictions = backend.predict(test_x, row["temperature"])
+            row.update(evaluate(predictions, test_y))
         history.append(row)
         row["epoch_seconds"] = time.perf_counter() - epoch_start
         if backend.is_main_process:
             save_epoch(context, history)
-            print(f"epoch {epoch + 1}/{spec.train.epochs}: train loss {row['train_loss']:.4f} "
-                  f"acc {row['train_accuracy']:.2f}% | test loss {row['test_loss']:.4f} acc "
-                  f"{row['test_accuracy']:.2f}% | {row['images_per_second']:.0f} img/s", flush=True)
+            print(epoch_line(row, spec.train.epochs), flush=True)
     final_start = time.perf_counter()
     if predictions is None or spec.train.test_time_translate:  # resumed a finished run, or more views
         predictions = backend.predict(test_x, history[-1]["temperature"], spec.train.test_time_translate)
@@ -179,6 +184,13 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
     if not backend.is_main_process:
         return None  # the main process writes the run files and returns the summary
     return finish(context, history, predictions, test_y)
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    test = (f"test loss {row['test_loss']:.4f} acc {row['test_accuracy']:.2f}%" if "test_accuracy" in row
+            else "not evaluated")
+    return (f"epoch {row['epoch']}/{epochs}: train loss {row['train_loss']:.4f} acc {row['train_accuracy']:.2f}% "
+            f"| {test} | {row['images_per_second']:.0f} img/s")
 
 
 def subset(images, labels, limit: int | None):
@@ -359,13 +371,14 @@ def make_summary(context: dict, history: list[dict], test_accuracy: float, test_
     """`test_accuracy`: the final evaluation's, with every test-time view; the epochs' (`best_test_accuracy`,
     `last_epoch_test_accuracy`) leave out the translated ones."""
     spec, backend = context["spec"], context["backend"]
-    best = max(history, key=lambda r: r["test_accuracy"])
+    best = max(runfiles.evaluated_epochs(history), key=lambda r: r["test_accuracy"])
     step_seconds = sum(r["train_seconds"] for r in history)
     return {
         "framework": backend.framework, "preset": spec.preset, "device": backend.device,
         "cpu": runfiles.cpu_name(), "precision": context["precision"], "epochs": len(history),
         "test_accuracy": test_accuracy, "last_epoch_test_accuracy": history[-1]["test_accuracy"],
         "best_test_accuracy": best["test_accuracy"], "best_epoch": best["epoch"],
+        "eval_every_epochs": context["eval_every_epochs"],
         "train_wall_seconds": round(sum(r["epoch_seconds"] for r in history), 2),
         "final_evaluation_seconds": round(context["final_evaluation_seconds"], 2),
         "images_per_second": round(sum(r["train_seconds"] * r["images_per_second"] for r in history)

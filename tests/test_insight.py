@@ -151,6 +151,20 @@ def test_report_on_a_run_still_training_shows_what_its_metrics_allow(runs, tmp_p
     assert "no summary.json yet" in (tmp_path / "out" / "report.html").read_text()
 
 
+def test_report_draws_only_the_evaluated_epochs_and_refuses_a_run_without_one(runs, tmp_path, capsys):
+    run_dir = tmp_path / "sparse"
+    run_dir.mkdir()
+    history = runfiles.read_metrics(runs["flax"])
+    unevaluated = {key: value for key, value in history[0].items() if key in ("epoch", "train_loss",
+                   "train_accuracy", "learning_rate", "temperature", "train_seconds", "images_per_second")}
+    runfiles.write_metrics(run_dir, [unevaluated, *history[1:]])
+    assert report_cli.main([str(run_dir), "--out", str(tmp_path / "out")]) == 0
+    assert parse_report(tmp_path / "out").headings == ["Runs", "Training curves", "Expert usage over training"]
+    runfiles.write_metrics(run_dir, [unevaluated])
+    assert report_cli.main([str(run_dir), "--out", str(tmp_path / "out")]) == 1
+    assert "none evaluated" in capsys.readouterr().err
+
+
 def test_report_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert report_cli.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err

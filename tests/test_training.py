@@ -56,6 +56,18 @@ def test_run_writes_every_run_file(framework, tmp_path):
     assert np.allclose([sum(u) for u in history[0]["expert_usage"]], 1.0, atol=1e-5)
 
 
+def test_eval_every_skips_epochs_but_never_the_last(tmp_path):
+    summary = train("torch", tmp_path, "--epochs", "3", "--eval-every", "2")
+    history = runfiles.read_metrics(tmp_path)
+    assert [row["epoch"] for row in runfiles.evaluated_epochs(history)] == [2, 3]
+    assert "test_accuracy" not in history[0] and "expert_usage" not in history[0]
+    assert summary["eval_every_epochs"] == 2 and summary["best_epoch"] in (2, 3)
+    assert summary["last_epoch_test_accuracy"] == history[-1]["test_accuracy"]
+    assert (tmp_path / "curves.png").stat().st_size > 0
+    with pytest.raises(TrainingError, match="--eval-every of at least 1"):
+        train("torch", tmp_path / "refused", "--eval-every", "-1")
+
+
 def test_final_evaluation_adds_the_translated_views_and_the_weights_remember_them(tmp_path, monkeypatch):
     tiny = get_preset("tiny")
     recipe = dataclasses.replace(tiny.train, test_time_flip=True, test_time_translate=1)
