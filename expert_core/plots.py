@@ -32,13 +32,13 @@ def plot_curves(runs: list[dict] | dict[str, list[dict]], path: Path, title: str
         epochs = [row["epoch"] for row in history]
         prefix = f"{label} · " if label else ""
         split_colours = (colour, colour) if len(runs) > 1 else RUN_COLOURS[:2]  # colour means run when overlaid
+        tested = evaluated_epochs(history)
         for ax, key in ((loss_ax, "loss"), (acc_ax, "accuracy")):
             # Markers: a one-epoch run is a single point, which a bare line would not draw at all.
             ax.plot(epochs, [r[f"train_{key}"] for r in history], "--o", color=split_colours[0], markersize=4,
                     label=f"{prefix}train (augmented, during the epoch)")
-            tested = evaluated_epochs(history)
-            ax.plot([r["epoch"] for r in tested], [r[f"test_{key}"] for r in tested], "-s", color=split_colours[1], markersize=4,
-                    label=f"{prefix}test (after the epoch)")
+            ax.plot([r["epoch"] for r in tested], [r[f"test_{key}"] for r in tested], "-s", color=split_colours[1],
+                    markersize=4, label=f"{prefix}test (after the epoch)")
         lr_ax.plot(epochs, [r["learning_rate"] for r in history], "-o", color=colour, markersize=4)
     loss_ax.set(xlabel="epoch", ylabel="cross-entropy (label-smoothed for train)", title="loss")
     acc_ax.set(xlabel="epoch", ylabel="accuracy (%)", title="accuracy")

@@ -145,7 +145,7 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
     train_x, train_y = subset(dataset.train_images, dataset.train_labels, args.max_train_examples)
     test_index = subset_index(len(dataset.test_labels), args.max_test_examples)
     test_x, test_y = dataset.test_images[test_index], dataset.test_labels[test_index]
-    eval_every = args.eval_every or preset.eval_every_epochs
+    eval_every = preset.eval_every_epochs if args.eval_every is None else args.eval_every
     if eval_every < 1:
         raise TrainingError(f"expected --eval-every of at least 1 epoch, found {eval_every}.")
     steps_per_epoch = len(train_x) // spec.train.batch_size

@@ -64,8 +64,9 @@ def test_eval_every_skips_epochs_but_never_the_last(tmp_path):
     assert summary["eval_every_epochs"] == 2 and summary["best_epoch"] in (2, 3)
     assert summary["last_epoch_test_accuracy"] == history[-1]["test_accuracy"]
     assert (tmp_path / "curves.png").stat().st_size > 0
-    with pytest.raises(TrainingError, match="--eval-every of at least 1"):
-        train("torch", tmp_path / "refused", "--eval-every", "-1")
+    for refused in ("0", "-1"):
+        with pytest.raises(TrainingError, match="--eval-every of at least 1"):
+            train("torch", tmp_path / "refused", "--eval-every", refused)
 
 
 def test_final_evaluation_adds_the_translated_views_and_the_weights_remember_them(tmp_path, monkeypatch):
