@@ -78,7 +78,8 @@ def resolve_source(path, source, download) -> tuple[str, Path | None]:
         path = Path(path).expanduser()
         if not path.exists():
             raise DataError(path, "a CIFAR-10 archive, batches directory or image folder", "nothing there",
-                            "Fix the path (argument or CIFAR10_PATH), or pass download=True.")
+                            "Fix the path (--data or CIFAR10_PATH), or unset both and pass --download to fetch the "
+                            "official archive.")
         return source or _detect_kind(path), path
     root = default_data_root()
     for name, kind in ((sources.TARBALL_NAME, "tarball"), (sources.BATCHES_DIR_NAME, "batches"),

@@ -41,6 +41,12 @@ MERGE_MODES = ("branches", "stacked", "aggregated", "auto")
 # the 2-core AMD EPYC: 4x4, aggregated / stacked 285 / 63 ms (PyTorch) and 111 / 91 ms (Flax);
 # 8x8, 253 / 250 ms (PyTorch) and 190 / 524 ms (Flax).
 AGGREGATE_MIN_PIXELS = 64
+# Elements per image (its input or patches, output and own kernel) that one chunk of a chunked
+# convolution takes at a time on the CPU, in either framework: about 6 MB of float32, which stays in
+# cache where the whole batch's tensors stream through memory (README "Speed" has the figures).
+CPU_CHUNK_ELEMENTS = 1_500_000
+# Test images per forward pass of an evaluation.
+EVAL_BATCH = 500
 
 
 def check_merge(merge: str) -> str:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import secrets
 from pathlib import Path
 from typing import BinaryIO, Iterator
@@ -18,6 +19,28 @@ def partial_path(path: Path) -> Path:
     """
     path = Path(path)
     return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+
+
+def remove_abandoned_partials(directory: Path) -> list[Path]:
+    """Delete the temporary files of writers on this host that died mid-write (kill -9 leaves them);
+    a live writer's stay. Returns the files removed."""
+    removed = []
+    for path in sorted(Path(directory).glob("*.partial")):
+        writer = re.fullmatch(r".+\.(\d+)-[0-9a-f]{8}\.partial", path.name)
+        if writer and not _process_alive(int(writer.group(1))):
+            path.unlink(missing_ok=True)
+            removed.append(path)
+    return removed
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)  # signal 0: only asks whether the process exists
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # it exists, under another user
+        return True
+    return True
 
 
 @contextlib.contextmanager

@@ -18,11 +18,14 @@ from typing import Callable, Protocol
 
 import numpy as np
 
+from data import DataError, load_cifar10
+from data.cifar10 import SOURCE_KINDS
 from expert_core import checkpoints, plots, portable, runfiles, schedules
 from expert_core.config import (MERGE_MODES, OPTIMIZERS, PRECISIONS, PRESETS, ModelConfig, TrainConfig, get_preset,
                                 model_config_from_dict, to_dict, train_config_from_dict, with_overrides)
 from expert_core.dirac import dirac_weights
-from expert_core.whitening import whitening_stem_kernel
+from expert_core.files import remove_abandoned_partials
+from expert_core.whitening import PATCH_IMAGES, whitening_stem_kernel
 
 
 PORTABLE_WEIGHTS = "weights.safetensors"
@@ -82,10 +85,11 @@ class RunSpec:
     train: TrainConfig
     seed: int
     max_train_examples: int | None
+    precision: str = "float32"
 
     def as_dict(self) -> dict:
         return {"preset": self.preset, "model": to_dict(self.model), "train": to_dict(self.train),
-                "seed": self.seed, "max_train_examples": self.max_train_examples}
+                "seed": self.seed, "max_train_examples": self.max_train_examples, "precision": self.precision}
 
 
 def build_parser(framework: str) -> argparse.ArgumentParser:
@@ -105,7 +109,7 @@ def build_parser(framework: str) -> argparse.ArgumentParser:
                         "two runs differ by rounding alone")
     parser.add_argument("--data", help="CIFAR-10 archive, batches directory or image folder "
                         "(default: CIFAR10_PATH, then the data root)")
-    parser.add_argument("--data-source", choices=("tarball", "batches", "imagefolder", "tfds"))
+    parser.add_argument("--data-source", choices=SOURCE_KINDS)
     parser.add_argument("--download", action="store_true", help="download the official archive if absent")
     parser.add_argument("--out", help=f"run directory (default: runs/{framework}-<preset>)")
     parser.add_argument("--device", default="auto", help="cpu, cuda or auto")
@@ -125,35 +129,32 @@ def main(factory: BackendFactory, framework: str, argv: list[str] | None = None)
     args = build_parser(framework).parse_args(argv)
     try:
         run(factory, framework, args)
-    except (TrainingError, checkpoints.CheckpointError) as error:
+    except (TrainingError, checkpoints.CheckpointError, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     return 0
 
 
 def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> dict | None:
-    from data import load_cifar10
-
+    check_flag_values(args)
     git_commit = runfiles.git_commit()  # now: loading the data can take minutes, and the tree may change meanwhile
     preset = get_preset(args.preset)
     spec = RunSpec(args.preset, preset.model,
                    with_overrides(preset.train, epochs=args.epochs, batch_size=args.batch_size,
                                   learning_rate=args.lr, optimizer=args.optimizer,
                                   weight_decay=args.weight_decay),
-                   args.seed, args.max_train_examples)
+                   args.seed, args.max_train_examples, args.precision)
     dataset = load_cifar10(args.data, args.data_source, download=args.download)
     train_x, train_y = subset(dataset.train_images, dataset.train_labels, args.max_train_examples)
     test_index = subset_index(len(dataset.test_labels), args.max_test_examples)
     test_x, test_y = dataset.test_images[test_index], dataset.test_labels[test_index]
     eval_every = preset.eval_every_epochs if args.eval_every is None else args.eval_every
-    if eval_every < 1:
-        raise TrainingError(f"expected --eval-every of at least 1 epoch, found {eval_every}.")
     steps_per_epoch = len(train_x) // spec.train.batch_size
     if steps_per_epoch == 0:
         raise TrainingError(f"expected at least one batch of {spec.train.batch_size} training images, found "
                             f"{len(train_x)}; lower --batch-size or raise --max-train-examples.")
     backend = factory(spec.model, spec.train, steps_per_epoch=steps_per_epoch, seed=spec.seed,
-                      merge=args.merge, device=args.device, precision=args.precision, devices=args.devices)
+                      merge=args.merge, device=args.device, precision=spec.precision, devices=args.devices)
     run_dir = Path(args.out or f"runs/{framework}-{args.preset}")
     if backend.is_main_process:  # the only writer; the other processes read the directory on --resume only
         prepare_run_dir(run_dir, args.resume, args.overwrite)
@@ -163,7 +164,7 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
         initialise_from_data(backend, spec.train, spec.model, train_x)
     context = dict(spec=spec, backend=backend, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
                    class_names=dataset.class_names, data_source=dataset.source, merge=args.merge,
-                   precision=args.precision, git_commit=git_commit, test_index=test_index,
+                   git_commit=git_commit, test_index=test_index,
                    eval_every_epochs=eval_every)
     predictions = None
     for epoch in range(len(history), spec.train.epochs):
@@ -184,6 +185,23 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
     if not backend.is_main_process:
         return None  # the main process writes the run files and returns the summary
     return finish(context, history, predictions, test_y)
+
+
+# Count flags: a value below 1 would crash minutes later (an empty test set, no epoch to summarise)
+# or, for the --max-* flags, silently keep n - |value| images.
+_AT_LEAST_ONE = ("epochs", "batch_size", "max_train_examples", "max_test_examples", "eval_every")
+
+
+def check_flag_values(args: argparse.Namespace) -> None:
+    """Every out-of-range numeric flag, reported together before the data set is loaded."""
+    problems = [f"--{name.replace('_', '-')} of at least 1, found {getattr(args, name)}"
+                for name in _AT_LEAST_ONE if getattr(args, name) is not None and getattr(args, name) < 1]
+    if args.lr is not None and not args.lr > 0:
+        problems.append(f"--lr above 0, found {args.lr}")
+    if args.weight_decay is not None and not args.weight_decay >= 0:
+        problems.append(f"--weight-decay of at least 0, found {args.weight_decay}")
+    if problems:
+        raise TrainingError(f"expected {'; '.join(problems)}. Change these flags (--help describes them).")
 
 
 def epoch_line(row: dict, epochs: int) -> str:
@@ -215,6 +233,9 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
+    if resume:
+        for path in remove_abandoned_partials(run_dir):
+            print(f"--resume: removed {path.name}, left half written by a killed run", flush=True)
     return run_dir
 
 
@@ -241,9 +262,10 @@ def resume_state(run_dir: Path, spec: RunSpec, backend: Backend) -> list[dict]:
 
 def recorded_spec(run: dict) -> dict:
     """A checkpoint's run spec with any recipe or model field added since it was written filled in at
-    its default, the value that run trained with: such a checkpoint resumes under the newer code."""
+    its default, the value that run trained with: such a checkpoint resumes under the newer code.
+    A checkpoint from before the precision was recorded is taken as float32, the default."""
     try:
-        return {**run, "model": to_dict(model_config_from_dict(run["model"])),
+        return {"precision": "float32", **run, "model": to_dict(model_config_from_dict(run["model"])),
                 "train": to_dict(train_config_from_dict(run["train"]))}
     except (TypeError, ValueError):  # a field this code does not know: _differences names it
         return run
@@ -253,7 +275,9 @@ def initialise_from_data(backend: Backend, train: TrainConfig, model: ModelConfi
     """The recipe's own initialisation of chosen weights, some from the data, before the first step
     (a resumed run has its own)."""
     if train.stem_init == "whitening":
-        kernel = whitening_stem_kernel(train_x, model.kernel_size, model.stem_channels)
+        # A fixed random sample, not the first images: an image folder lists them class by class.
+        sample = train_x[subset_index(len(train_x), PATCH_IMAGES)]
+        kernel = whitening_stem_kernel(sample, model.kernel_size, model.stem_channels)
         backend.replace_weights({"stem.conv.weight": kernel})
     if train.expert_kernel_init == "dirac":
         backend.replace_weights(dirac_weights(backend.canonical_weights()))
@@ -375,7 +399,7 @@ def make_summary(context: dict, history: list[dict], test_accuracy: float, test_
     step_seconds = sum(r["train_seconds"] for r in history)
     return {
         "framework": backend.framework, "preset": spec.preset, "device": backend.device,
-        "cpu": runfiles.cpu_name(), "precision": context["precision"], "epochs": len(history),
+        "cpu": runfiles.cpu_name(), "precision": spec.precision, "epochs": len(history),
         "test_accuracy": test_accuracy, "last_epoch_test_accuracy": history[-1]["test_accuracy"],
         "best_test_accuracy": best["test_accuracy"], "best_epoch": best["epoch"],
         "eval_every_epochs": context["eval_every_epochs"],

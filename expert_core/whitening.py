@@ -13,7 +13,8 @@ import numpy as np
 
 from expert_core.config import normalisation_table
 
-# About 900 patches an image: 1000 images estimate a 27 x 27 covariance far better than it needs.
+# The training images a stem is fitted on (a fixed random sample, expert_core.training): about 900
+# patches an image, so 1000 images estimate a 27 x 27 covariance far better than it needs.
 PATCH_IMAGES = 1000
 # Added to each eigenvalue: the last few are near zero (JPEG and 8-bit rounding), and would blow up.
 WHITENING_EPS = 5e-4
@@ -22,7 +23,7 @@ WHITENING_EPS = 5e-4
 def patch_covariance(images: np.ndarray, kernel_size: int) -> np.ndarray:
     """(3 k k, 3 k k) float64 covariance of the normalised k x k patches of uint8 NHWC images,
     each patch flattened in (channel, row, column) order, the order of an OIHW kernel's IHW."""
-    x = normalisation_table().astype(np.float64)[images[:PATCH_IMAGES], np.arange(3)]
+    x = normalisation_table().astype(np.float64)[images, np.arange(3)]
     windows = np.lib.stride_tricks.sliding_window_view(x, (kernel_size, kernel_size), axis=(1, 2))
     patches = windows.reshape(-1, 3 * kernel_size * kernel_size)  # (n, rows, cols, 3, k, k) -> (n rows cols, 3 k k)
     return np.cov(patches, rowvar=False)

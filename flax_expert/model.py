@@ -15,7 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from expert_core.config import BlockConfig, ModelConfig, block_merge, check_merge, normalisation_table
+from expert_core.config import (CPU_CHUNK_ELEMENTS, BlockConfig, ModelConfig, block_merge, check_merge,
+                                normalisation_table)
 
 # XLA:CPU convolutions are slow, above all their weight gradients; patches + one batched matmul per
 # sample, in cache-sized chunks, wins by far wherever "auto" aggregates (expert_core.config.block_merge).
@@ -126,10 +127,6 @@ def extract_patches(x, k: int):
     return jnp.concatenate(shifted, axis=-1).reshape(n, h * w, k * k * c)
 
 
-# A whole batch's patches (151 MB for 128 images at 32x32x32) stream through memory at XLA:CPU's
-# copy speed, which made them most of the train step; a few images' patches, outputs and kernels
-# (about 6 MB) stay in cache.
-CHUNK_ELEMENTS = 1_500_000
 # Fewer images than this make the per-image matmuls too small: on every block shape of the seed and
 # fast presets, chunks of 2 ran slower than chunks of 4 (forward + backward, 8-30 %).
 MIN_CHUNK_IMAGES = 4
@@ -140,14 +137,16 @@ def batch_chunk(n: int, elements_per_image: int) -> int:
     when more); all n off the CPU."""
     if jax.default_backend() != "cpu":
         return n
-    limit = max(MIN_CHUNK_IMAGES, CHUNK_ELEMENTS // elements_per_image)
+    limit = max(MIN_CHUNK_IMAGES, CPU_CHUNK_ELEMENTS // elements_per_image)
     return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
 
 
 def in_batch_chunks(compute, elements_per_image: int, *batched):
     """compute(*batched) for a per-image computation, run chunk by chunk over the batch (lax.map).
 
-    Each chunk is rematerialised in the backward pass (jax.checkpoint): storing every chunk's
+    A whole batch's patches (151 MB for 128 images at 32x32x32) stream through memory at XLA:CPU's
+    copy speed, which made them most of the train step; a chunk's stay in cache. Each chunk is
+    rematerialised in the backward pass (jax.checkpoint): storing every chunk's
     patches for the gradient would bring back the whole-batch tensor this avoids.
     """
     n = batched[0].shape[0]

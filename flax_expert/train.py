@@ -31,12 +31,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.augment import evaluation_views, translate_images
 from expert_core import portable, schedules
-from expert_core.config import AugmentConfig, ModelConfig, TrainConfig, parameter_dtype
+from expert_core.config import EVAL_BATCH, AugmentConfig, ModelConfig, TrainConfig, parameter_dtype
 from expert_core.training import Predictions, TrainingError
 from flax_expert.augment import augment_batch
 from flax_expert.model import DEFAULT_MERGE, ExpertCNN, init_variables, to_model_input
-
-EVAL_BATCH = 500
 
 
 class TrainState(train_state.TrainState):
@@ -186,7 +184,7 @@ def resolve_devices(device: str, count: int | None = None) -> list[jax.Device]:
     try:
         available = jax.devices(platform)
     except RuntimeError as error:
-        raise RuntimeError(f"--device {device}: expected a JAX {platform} device, found only "
+        raise TrainingError(f"--device {device}: expected a JAX {platform} device, found only "
                            f"{[d.platform for d in jax.devices()]}; use --device cpu or auto.") from error
     if count is not None and not 1 <= count <= len(available):
         raise TrainingError(f"--devices {count}: expected 1 to {len(available)}, the {available[0].platform} "

@@ -2,21 +2,27 @@
 
 `port_torch_to_flax` / `port_flax_to_torch` apply the one rule table (OIHW <-> HWIO, linear
 transpose, BatchNorm -> params + batch_stats); every mismatch is collected into one PortingError.
-`load_any_checkpoint` reads a training checkpoint of either framework or a portable file.
+`load_any_checkpoint` reads a training checkpoint of either framework or a portable file;
+`load_for_evaluation` adds how the run evaluated, for the scripts that evaluate or predict.
 """
 
 from __future__ import annotations
 
 import io
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from expert_core import checkpoints
-from expert_core.config import ModelConfig, model_config_from_dict
+from expert_core.config import ModelConfig, TrainConfig, model_config_from_dict
 from expert_core.portable import (PortingError, canonical_to_flax, check_canonical, flax_to_canonical,
                                   load_portable)
+from expert_core.report import ReportError, evaluation_settings, resolve_checkpoint
+
+# What loading a user's checkpoint can fail with, each error saying what to do: scripts print these.
+LOAD_ERRORS = (ReportError, checkpoints.CheckpointError, PortingError)
 
 
 def torch_to_canonical(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, np.ndarray]:
@@ -57,3 +63,20 @@ def load_any_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], ModelC
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
         return flax_to_canonical(variables, config), config, framework
     raise PortingError(f"load {path}", unexpected=[f"framework {framework!r}, expected 'torch' or 'flax'"])
+
+
+@dataclass(frozen=True)
+class EvaluationWeights:
+    path: Path
+    tensors: dict[str, np.ndarray]  # canonical
+    config: ModelConfig
+    origin: str  # "torch", "flax" or "portable"
+    temperature: float  # the attention temperature of the run's own final evaluation
+    recipe: TrainConfig  # the run's recipe: its test-time views
+
+
+def load_for_evaluation(checkpoint: str | Path) -> EvaluationWeights:
+    """A checkpoint file, or a run directory's weights, with the settings its run evaluated at."""
+    path = resolve_checkpoint(checkpoint)
+    tensors, config, origin = load_any_checkpoint(path)
+    return EvaluationWeights(path, tensors, config, origin, *evaluation_settings(path, config))

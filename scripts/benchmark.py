@@ -257,7 +257,6 @@ def main(argv=None) -> int:
                         help="bfloat16: the training scripts' mixed precision (convolutions in bf16)")
     parser.add_argument("--json", help="write the table here as JSON")
     args = parser.parse_args(argv)
-
     limits = measure_limits(args.device)
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     print(f"{args.device.upper()}: {limits['device_name']} (host CPU: {cpu_name()}); peak ~{limits['peak_gflops']:.0f} "
@@ -284,27 +283,30 @@ def main(argv=None) -> int:
                 rows.append(make_row(name, framework, merge, args.batch_size, timings[framework], flops,
                                      limits, waits[framework]))
                 print_row(rows[-1])
-    for name in args.presets:
-        for merge in args.merges:
-            pair = {r["framework"]: r for r in rows if r["preset"] == name and r["merge"] == merge}
-            if len(pair) == 2:
-                ratio = pair["flax"]["train_images_per_second"] / pair["torch"]["train_images_per_second"]
-                print(f"{name} / {merge}: Flax / PyTorch train-step ratio {ratio:.2f}")
-        for framework in args.frameworks:
-            by_merge = {r["merge"]: r for r in rows if r["preset"] == name and r["framework"] == framework}
-            if "branches" not in by_merge:
-                continue
-            branches = by_merge["branches"]
-            for merge in sorted(by_merge.keys() - {"branches"}):
-                row = by_merge[merge]
-                print(f"{name} / {framework}: {merge} / branches train-step ratio "
-                      f"{row['train_images_per_second'] / branches['train_images_per_second']:.2f}, "
-                      f"merges alone (forward + backward) {branches['merge_ms'] / row['merge_ms']:.2f}")
+        print_ratios(rows, name)
     if args.json:
         Path(args.json).write_text(json.dumps({"device": args.device, "cpu": cpu_name(), **limits,
                                                 "glibc_tunables": tunables, "precision": args.precision,
                                                 "rows": rows}, indent=2))
     return 0
+
+
+def print_ratios(rows: list[dict], preset: str) -> None:
+    """Flax / PyTorch per merge, and each merge against K separate convs ("branches") per framework."""
+    rows = [r for r in rows if r["preset"] == preset]
+    for merge in dict.fromkeys(r["merge"] for r in rows):
+        pair = {r["framework"]: r for r in rows if r["merge"] == merge}
+        if len(pair) == 2:
+            ratio = pair["flax"]["train_images_per_second"] / pair["torch"]["train_images_per_second"]
+            print(f"{preset} / {merge}: Flax / PyTorch train-step ratio {ratio:.2f}")
+    for framework in dict.fromkeys(r["framework"] for r in rows):
+        by_merge = {r["merge"]: r for r in rows if r["framework"] == framework}
+        branches = by_merge.get("branches")
+        for merge in sorted(by_merge.keys() - {"branches"}) if branches else ():
+            row = by_merge[merge]
+            print(f"{preset} / {framework}: {merge} / branches train-step ratio "
+                  f"{row['train_images_per_second'] / branches['train_images_per_second']:.2f}, "
+                  f"merges alone (forward + backward) {branches['merge_ms'] / row['merge_ms']:.2f}")
 
 
 def make_row(preset: str, framework: str, merge: str, batch: int, timings: list[dict], flops: float,

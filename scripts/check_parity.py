@@ -15,17 +15,18 @@ import json
 import sys
 import time
 
-
-from data import load_cifar10
+from data import DataError, load_cifar10
 from expert_core.config import PRESETS, get_preset
 from parity.checks import run_all
-from parity.convert import canonical_to_torch, load_any_checkpoint
+from parity.convert import LOAD_ERRORS, canonical_to_torch, load_for_evaluation
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="model config at random init")
-    parser.add_argument("--checkpoint", help="a .ckpt from either train script, or a portable .safetensors")
+    weights = parser.add_mutually_exclusive_group()  # a checkpoint carries its own model config
+    weights.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="model config at random init")
+    weights.add_argument("--checkpoint", help="a .ckpt from either train script, a portable .safetensors or a "
+                         "run directory")
     parser.add_argument("--images", type=int, default=1000, help="real CIFAR-10 test images to compare on")
     parser.add_argument("--steps", type=int, default=20, help="optimiser steps in the trajectory check")
     parser.add_argument("--batch-size", type=int, default=32, help="batch size of the trajectory and gradients")
@@ -35,12 +36,17 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     seed_recipe = get_preset("seed").train
-    if args.checkpoint:
-        tensors, config, origin = load_any_checkpoint(args.checkpoint)
-        state_dict, source = canonical_to_torch(tensors, config), f"{origin} checkpoint {args.checkpoint}"
-    else:
-        config, state_dict, source = get_preset(args.preset).model, None, f"random init, preset {args.preset}"
-    dataset = load_cifar10(args.data)
+    try:
+        if args.checkpoint:
+            weights = load_for_evaluation(args.checkpoint)
+            config, state_dict = weights.config, canonical_to_torch(weights.tensors, weights.config)
+            source = f"{weights.origin} checkpoint {weights.path}"
+        else:
+            config, state_dict, source = get_preset(args.preset).model, None, f"random init, preset {args.preset}"
+        dataset = load_cifar10(args.data)
+    except (*LOAD_ERRORS, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
     images, labels = dataset.test_images[:args.images], dataset.test_labels[:args.images]
     print(f"parity on {len(images)} CIFAR-10 test images; weights: {source}", flush=True)
     start = time.perf_counter()

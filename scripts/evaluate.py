@@ -1,9 +1,10 @@
 """Evaluate any checkpoint with either framework: train with one, test with the other.
 
     python scripts/evaluate.py --checkpoint results/torch-seed-1epoch/checkpoint-00001.ckpt --framework flax
-    python scripts/evaluate.py --checkpoint weights.safetensors --framework both
+    python scripts/evaluate.py --checkpoint results/flax-fast-22 --framework both
 
-Loads a training checkpoint of either framework or a portable .safetensors file, ports the
+Loads a training checkpoint of either framework, a portable .safetensors file or a run directory
+(its weights.safetensors, else its newest checkpoint), ports the
 weights, and prints test accuracy and the number of correct images for each framework asked for,
 evaluating as the run did (its final attention temperature and test-time views).
 """
@@ -16,23 +17,22 @@ import sys
 
 import numpy as np
 
-from data import load_cifar10
-from expert_core.config import TrainConfig
-from expert_core.report import evaluation_settings
+from data import DataError, load_cifar10
+from expert_core.training import subset_index
 from flax_expert.train import FlaxBackend
-from parity.convert import canonical_to_torch, load_any_checkpoint
+from parity.convert import LOAD_ERRORS, EvaluationWeights, canonical_to_torch, load_for_evaluation
 from torch_reference.train import TorchBackend
 
 
-def predict_torch(tensors, config, images, temperature: float, recipe: TrainConfig) -> np.ndarray:
-    backend = TorchBackend(config, recipe, steps_per_epoch=1, seed=0, device="cpu")
-    backend.model.load_state_dict(canonical_to_torch(tensors, config))
-    return backend.predict(images, temperature, recipe.test_time_translate).logits
+def predict_torch(weights: EvaluationWeights, images) -> np.ndarray:
+    backend = TorchBackend(weights.config, weights.recipe, steps_per_epoch=1, seed=0, device="cpu")
+    backend.model.load_state_dict(canonical_to_torch(weights.tensors, weights.config))
+    return backend.predict(images, weights.temperature, weights.recipe.test_time_translate).logits
 
 
-def predict_flax(tensors, config, images, temperature: float, recipe: TrainConfig) -> np.ndarray:
-    return FlaxBackend.from_canonical(tensors, config, recipe).predict(
-        images, temperature, recipe.test_time_translate).logits
+def predict_flax(weights: EvaluationWeights, images) -> np.ndarray:
+    return FlaxBackend.from_canonical(weights.tensors, weights.config, weights.recipe).predict(
+        images, weights.temperature, weights.recipe.test_time_translate).logits
 
 
 PREDICTORS = {"torch": predict_torch, "flax": predict_flax}
@@ -40,24 +40,31 @@ PREDICTORS = {"torch": predict_torch, "flax": predict_flax}
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--checkpoint", required=True)
+    parser.add_argument("--checkpoint", required=True, help=".ckpt (torch or flax), .safetensors or a run directory")
     parser.add_argument("--framework", choices=("torch", "flax", "both"), default="both")
     parser.add_argument("--data", help="CIFAR-10 location (default: CIFAR10_PATH)")
+    parser.add_argument("--max-test-examples", type=int, help="the fixed random N test images a training run's "
+                        "--max-test-examples N evaluates (default: all)")
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args(argv)
-
-    tensors, config, origin = load_any_checkpoint(args.checkpoint)
-    temperature, recipe = evaluation_settings(args.checkpoint, config)  # as the run's own evaluation did
-    dataset = load_cifar10(args.data)
+    if args.max_test_examples is not None and args.max_test_examples < 1:
+        parser.error(f"--max-test-examples: expected at least 1 image, found {args.max_test_examples}")
+    try:
+        weights = load_for_evaluation(args.checkpoint)  # evaluated as the run's own final evaluation was
+        dataset = load_cifar10(args.data)
+    except (*LOAD_ERRORS, DataError) as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    index = subset_index(len(dataset.test_labels), args.max_test_examples)
+    images, labels = dataset.test_images[index], dataset.test_labels[index]
     frameworks = ("torch", "flax") if args.framework == "both" else (args.framework,)
-    results, predictions = {"checkpoint": args.checkpoint, "written_by": origin}, {}
+    results, predictions = {"checkpoint": args.checkpoint, "written_by": weights.origin}, {}
     for framework in frameworks:
-        logits = PREDICTORS[framework](tensors, config, dataset.test_images, temperature, recipe)
-        predictions[framework] = logits.argmax(1)
-        correct = int((predictions[framework] == dataset.test_labels).sum())
-        results[framework] = {"correct": correct, "test_accuracy": 100 * correct / len(dataset.test_labels)}
-        print(f"{origin} checkpoint evaluated by {framework}: {correct} / {len(dataset.test_labels)} correct "
-              f"= {results[framework]['test_accuracy']:.2f} %")
+        predictions[framework] = PREDICTORS[framework](weights, images).argmax(1)
+        correct = int((predictions[framework] == labels).sum())
+        results[framework] = {"correct": correct, "test_accuracy": 100 * correct / len(labels)}
+        print(f"{weights.origin} checkpoint evaluated by {framework}: {correct} / {len(labels)} "
+              f"correct = {results[framework]['test_accuracy']:.2f} %")
     if len(predictions) == 2:
         results["predictions_differing"] = int((predictions["torch"] != predictions["flax"]).sum())
         print(f"images whose predicted class differs between the frameworks: {results['predictions_differing']}")

@@ -17,10 +17,8 @@ import sys
 
 import numpy as np
 
-from expert_core.checkpoints import CheckpointError
-from expert_core.portable import PortingError
-from expert_core.report import (IMAGE_POLICY, ReportError, evaluation_settings, format_record, prediction_record,
-                                read_image, resolve_checkpoint)
+from expert_core.report import IMAGE_POLICY, ReportError, format_record, prediction_record, read_image
+from parity.convert import LOAD_ERRORS, load_for_evaluation
 
 
 def main(argv=None) -> int:
@@ -31,7 +29,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     try:
         backend, temperature, translate, description = load_model(args.checkpoint)
-    except (ReportError, CheckpointError, PortingError) as error:
+    except LOAD_ERRORS as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     print(description)
@@ -49,15 +47,13 @@ def main(argv=None) -> int:
 
 def load_model(checkpoint: str):
     from flax_expert.train import FlaxBackend
-    from parity.convert import load_any_checkpoint
 
-    path = resolve_checkpoint(checkpoint)
-    tensors, config, origin = load_any_checkpoint(path)
-    temperature, recipe = evaluation_settings(path, config)
-    backend = FlaxBackend.from_canonical(tensors, config, recipe)
-    return backend, temperature, recipe.test_time_translate, (
-        f"{path}: {origin} weights, run in Flax at temperature {temperature:g}, test-time flip "
-        f"{'on' if recipe.test_time_flip else 'off'}, translate {recipe.test_time_translate} px")
+    weights = load_for_evaluation(checkpoint)
+    recipe = weights.recipe
+    backend = FlaxBackend.from_canonical(weights.tensors, weights.config, recipe)
+    return backend, weights.temperature, recipe.test_time_translate, (
+        f"{weights.path}: {weights.origin} weights, run in Flax at temperature {weights.temperature:g}, "
+        f"test-time flip {'on' if recipe.test_time_flip else 'off'}, translate {recipe.test_time_translate} px")
 
 
 def classify(backend, temperature: float, translate: int, paths: list[str]) -> list[dict]:

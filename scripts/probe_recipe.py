@@ -60,6 +60,9 @@ MODEL_CHANGES = {name: {"bn_momentum": 0.4} for name in ("lookahead", "scalebias
 VARIANTS["temperature"] = dataclasses.replace(FAST, temperature_start=5.0, temperature_anneal_epochs=4)
 
 if __name__ == "__main__":
+    if len(sys.argv) < 2 or sys.argv[1] not in VARIANTS:
+        sys.exit(f"usage: probe_recipe.py VARIANT [training flags]; expected a variant, one of "
+                 f"{', '.join(VARIANTS)}; found {sys.argv[1] if len(sys.argv) > 1 else 'none'}.")
     variant = sys.argv[1]
     recipe = dataclasses.replace(VARIANTS[variant], epochs=8)
     model = dataclasses.replace(PRESETS["seed"].model, **MODEL_CHANGES.get(variant, {}))

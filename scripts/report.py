@@ -14,6 +14,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from data.cifar10 import SOURCE_KINDS
 from expert_core.report import GRID_SIZE, ReportError, build_report
 
 
@@ -23,7 +24,7 @@ def main(argv=None) -> int:
     parser.add_argument("--out", help="report directory (default: RUN_DIR/report for one run, "
                         "report-<run>-vs-<run> in the current directory for several)")
     parser.add_argument("--data", help="CIFAR-10 location for the test images (default: CIFAR10_PATH)")
-    parser.add_argument("--data-source", choices=("tarball", "batches", "imagefolder", "tfds"))
+    parser.add_argument("--data-source", choices=SOURCE_KINDS)
     parser.add_argument("--grid-size", type=int, default=GRID_SIZE, help="mistakes shown per run")
     args = parser.parse_args(argv)
     if args.grid_size < 1:

@@ -99,15 +99,28 @@ def test_torch_runs_the_same_pixel_maths_bit_for_bit_on_the_cpu():
     np.testing.assert_array_equal(got.numpy(), apply_augmentation(x, p, 4, np))
 
 
+def is_flipped_and_shifted(out, x, padding: int) -> bool:
+    """Whether `out` is `x`, mirrored or not, shifted by at most `padding` pixels with zeros entering."""
+    shifts = range(-padding, padding + 1)
+    return any(np.array_equal(translate_images(view[None], dy, dx, np)[0], out)
+               for view in (x, x[:, ::-1]) for dy in shifts for dx in shifts)
+
+
 @settings(max_examples=25, deadline=None, derandomize=True)
 @given(n=st.integers(1, 5), size=st.sampled_from([8, 16, 32]), seed=st.integers(0, 2**32 - 1),
-       rotation=st.floats(0, 180), padding=st.integers(0, 6), jitter=st.floats(0, 0.9))
-def test_any_batch_keeps_shape_dtype_and_range(n, size, seed, rotation, padding, jitter):
+       rotation=st.floats(0, 180), padding=st.integers(0, 6), jitter=st.floats(0, 0.9),
+       geometric_only=st.booleans())
+def test_any_batch_keeps_its_shape_and_flip_and_crop_only_move_pixels(n, size, seed, rotation, padding, jitter,
+                                                                      geometric_only):
+    if geometric_only:
+        rotation = jitter = 0.0
     config = AugmentConfig(crop_padding=padding, brightness=jitter, contrast=jitter, saturation=jitter,
                            rotation_degrees=rotation)
     x = images(n, seed % 1000, size)
     out = augment_batch(x, np.random.default_rng(seed), config)
     assert out.shape == x.shape and out.dtype == np.uint8
+    if geometric_only:  # every pixel is one of the input's, or a zero let in by the crop
+        assert all(is_flipped_and_shifted(o, i, padding) for o, i in zip(out, x))
 
 
 @pytest.mark.parametrize("dy, dx", [(1, 1), (-1, -1), (2, -3)])

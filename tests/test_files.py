@@ -1,8 +1,11 @@
-"""Atomic writes: whole files only, even with two writers of one path at once."""
+"""Atomic writes: whole files only, even with two writers of one path at once; a dead writer's
+temporary is cleaned up."""
+
+import os
 
 import pytest
 
-from expert_core.files import atomic_write_bytes, atomic_writer
+from expert_core.files import atomic_write_bytes, atomic_writer, partial_path, remove_abandoned_partials
 
 
 def test_two_overlapping_writers_of_one_path_each_land_whole(tmp_path):
@@ -27,3 +30,14 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
             raise RuntimeError("disk full")
     assert target.read_bytes() == b"old"
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
+
+
+def test_only_the_temporaries_of_dead_writers_are_removed(tmp_path):
+    dead = tmp_path / "checkpoint-00001.ckpt.4194305-0badc0de.partial"  # above Linux's largest pid
+    live = partial_path(tmp_path / "checkpoint-00002.ckpt")  # this process's own
+    unrelated = tmp_path / "notes.partial"
+    for path in (dead, live, unrelated):
+        path.write_bytes(b"half")
+    assert live.name.startswith(f"checkpoint-00002.ckpt.{os.getpid()}-")
+    assert remove_abandoned_partials(tmp_path) == [dead]
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, unrelated.name])

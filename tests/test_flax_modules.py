@@ -111,7 +111,7 @@ def test_merges_computed_in_batch_chunks_equal_the_whole_batch(monkeypatch, n, b
         return jnp.sum(logits ** 2), (logits, attention)
 
     whole = jax.value_and_grad(loss, has_aux=True)(variables["params"])
-    monkeypatch.setattr(flax_model, "CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(flax_model, "CPU_CHUNK_ELEMENTS", budget)
     assert batch_chunk(n, 6_912) == chunk
     chunked = jax.value_and_grad(loss, has_aux=True)(variables["params"])
     for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):

@@ -10,6 +10,7 @@ import optax
 import pytest
 
 from expert_core.config import BlockConfig, ModelConfig, TrainConfig
+from expert_core.training import TrainingError
 from flax_expert import train as flax_train
 from flax_expert.augment import augment_batch
 from flax_expert.model import init_variables
@@ -94,5 +95,5 @@ def test_on_device_augmentation_is_deterministic_per_key_and_keeps_dtype():
 def test_device_flag_rejects_a_missing_gpu():
     if any(d.platform == "gpu" for d in jax.devices()):
         pytest.skip("a GPU is present")
-    with pytest.raises(RuntimeError, match="--device cuda"):
+    with pytest.raises(TrainingError, match="--device cuda"):
         flax_train.resolve_devices("cuda")

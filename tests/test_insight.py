@@ -1,4 +1,4 @@
-"""scripts/report.py and scripts/predict.py on small real runs of both frameworks, written by the test."""
+"""scripts/report.py, scripts/predict.py and scripts/evaluate.py on small real runs of both frameworks, written by the test."""
 
 import importlib.util
 import json
@@ -26,7 +26,7 @@ def load_script(name):
     return module
 
 
-report_cli, predict_cli = load_script("report"), load_script("predict")
+report_cli, predict_cli, evaluate_cli = load_script("report"), load_script("predict"), load_script("evaluate")
 
 
 @pytest.fixture(scope="module")
@@ -274,4 +274,25 @@ def test_predict_unusable_checkpoint_is_one_clear_error(tmp_path, image_files, c
     assert predict_cli.main(["--checkpoint", str(bogus), str(files["exact"][0])]) == 1
     assert "not an expert-cnn checkpoint" in capsys.readouterr().err
     assert predict_cli.main(["--checkpoint", str(tmp_path), str(files["exact"][0])]) == 1
+    assert "found neither" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("framework", ["flax", "torch"])
+def test_evaluate_scores_a_run_alike_in_both_frameworks_as_the_run_did(runs, framework, tmp_path):
+    out = tmp_path / "evaluate.json"
+    assert evaluate_cli.main(["--checkpoint", str(runs[framework]), "--max-test-examples", "200",
+                              "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["written_by"] == "portable" and result["predictions_differing"] == 0
+    evaluation = runfiles.read_evaluation(runs[framework])  # the run's own evaluation of the same 200 images
+    run_correct = int((evaluation["logits"].argmax(1) == evaluation["labels"]).sum())
+    assert result["torch"] == result["flax"] == {"correct": run_correct, "test_accuracy": run_correct / 2}
+
+
+def test_evaluate_unusable_checkpoint_is_one_clear_error(tmp_path, capsys):
+    bogus = tmp_path / "bogus.ckpt"
+    bogus.write_bytes(b"not a checkpoint")
+    assert evaluate_cli.main(["--checkpoint", str(bogus)]) == 1
+    assert "not an expert-cnn checkpoint" in capsys.readouterr().err
+    assert evaluate_cli.main(["--checkpoint", str(tmp_path)]) == 1
     assert "found neither" in capsys.readouterr().err

@@ -58,6 +58,7 @@ def test_kill_minus_nine_at_five_points_then_resume_equals_an_uninterrupted_run(
     assert all(np.array_equal(weights[0][k], weights[1][k]) for k in weights[1])
     assert [p.name for p in checkpoints.list_checkpoints(run_dir)] == ["checkpoint-00002.ckpt",
                                                                        "checkpoint-00003.ckpt"]
+    assert not list(run_dir.glob("*.partial"))  # the half-written first checkpoint, removed on --resume
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

@@ -183,3 +183,18 @@ def test_a_global_batch_the_processes_cannot_share_equally_is_refused(monkeypatc
     with pytest.raises(TrainingError, match="divisible by the 2 processes, found 31; pass a --batch-size"):
         TorchBackend(preset.model, dataclasses.replace(preset.train, batch_size=31), steps_per_epoch=1, seed=0,
                      device="cpu")
+
+
+def test_the_scaled_batchnorm_biases_are_found_after_the_multi_gpu_conversion():
+    from torch_reference.model import ExpertCNN
+    from torch_reference.train import parameter_groups
+
+    preset = get_preset("tiny")
+    recipe = dataclasses.replace(preset.train, norm_bias_lr_scale=64.0)
+    # What data_parallel does to the model on GPUs; the conversion itself runs on the CPU.
+    model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(ExpertCNN(preset.model))
+    groups = parameter_groups(model, recipe)
+    names = {id(p): name for name, p in model.named_parameters()}
+    assert sorted(names[id(p)] for p in groups[1]["params"]) == sorted(portable.norm_bias_names(preset.model))
+    assert groups[1]["lr"] == 64.0 * recipe.learning_rate
+    assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(names)

@@ -12,8 +12,8 @@ from expert_core.portable import PortingError
 from expert_core.report import evaluation_settings
 from expert_core.dirac import dirac_expert_kernels
 from expert_core.training import (RunSpec, TrainingError, build_parser, initialise_from_data, main, recorded_spec,
-                                  run)
-from expert_core.whitening import whitening_stem_kernel
+                                  run, subset_index)
+from expert_core.whitening import PATCH_IMAGES, whitening_stem_kernel
 
 SHORT = ["--preset", "tiny", "--max-train-examples", "256", "--max-test-examples", "200", "--batch-size", "32"]
 FRAMEWORKS = ["torch", "flax"]
@@ -67,6 +67,14 @@ def test_eval_every_skips_epochs_but_never_the_last(tmp_path):
     for refused in ("0", "-1"):
         with pytest.raises(TrainingError, match="--eval-every of at least 1"):
             train("torch", tmp_path / "refused", "--eval-every", refused)
+
+
+def test_out_of_range_flags_are_refused_together_before_the_data_loads(tmp_path, monkeypatch):
+    monkeypatch.setenv("CIFAR10_PATH", str(tmp_path / "no-data-here"))  # loading would fail: it must not start
+    with pytest.raises(TrainingError, match=r"--epochs of at least 1, found 0; --max-test-examples of at least 1, "
+                       r"found -5; --lr above 0, found 0\.0; --weight-decay of at least 0, found -0\.1"):
+        train("torch", tmp_path / "run", "--epochs", "0", "--max-test-examples", "-5", "--lr", "0",
+              "--weight-decay", "-0.1")
 
 
 def test_final_evaluation_adds_the_translated_views_and_the_weights_remember_them(tmp_path, monkeypatch):
@@ -125,8 +133,10 @@ def test_refuses_non_empty_directory_and_mismatched_resume(tmp_path):
     train("torch", tmp_path, "--epochs", "1")
     with pytest.raises(TrainingError, match="--resume .* or --overwrite"):
         train("torch", tmp_path, "--epochs", "1")
-    with pytest.raises(TrainingError, match=r"train\.batch_size: 32 -> 16.*train\.learning_rate"):
-        train("torch", tmp_path, "--epochs", "1", "--resume", "--batch-size", "16", "--lr", "0.5")
+    with pytest.raises(TrainingError, match=r"precision: 'float32' -> 'float64'; train\.batch_size: 32 -> 16.*"
+                       r"train\.learning_rate"):
+        train("torch", tmp_path, "--epochs", "1", "--resume", "--batch-size", "16", "--lr", "0.5",
+              "--precision", "float64")
     assert train("torch", tmp_path, "--epochs", "1", "--overwrite")["epochs"] == 1
 
 
@@ -142,6 +152,19 @@ def test_main_exits_non_zero_with_a_message(tmp_path, capsys):
 
     assert main(TorchBackend, "torch", [*SHORT, "--out", str(tmp_path), "--epochs", "1", "--lr", "1e30"]) == 1
     assert "the loss became" in capsys.readouterr().err
+
+
+def test_main_reports_missing_data_and_a_missing_gpu_as_messages(tmp_path, capsys, monkeypatch):
+    import torch
+    from torch_reference.train import TorchBackend
+
+    with monkeypatch.context() as patch:
+        patch.setenv("CIFAR10_PATH", str(tmp_path / "no-data-here"))
+        assert main(TorchBackend, "torch", [*SHORT, "--out", str(tmp_path / "a")]) == 1
+    assert "no-data-here: expected a CIFAR-10 archive" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert main(TorchBackend, "torch", [*SHORT, "--out", str(tmp_path / "b"), "--device", "cuda"]) == 1
+        assert "--device cuda: expected a CUDA GPU, found none" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -193,7 +216,7 @@ def test_replace_weights_changes_the_named_tensors_only_and_refuses_strangers(fr
         backend.replace_weights({"stem.conv.kernel": stem, "stem.bn.weight": np.ones(3, np.float32)})
 
 
-def test_both_frameworks_start_from_the_same_whitened_stem(cifar10):
+def test_both_frameworks_start_from_the_same_stem_whitened_on_every_class(cifar10):
     preset = get_preset("tiny")
     train = dataclasses.replace(preset.train, stem_init="whitening")
     stems = []
@@ -202,7 +225,10 @@ def test_both_frameworks_start_from_the_same_whitened_stem(cifar10):
         initialise_from_data(backend, train, preset.model, cifar10.train_images)
         stems.append(backend.canonical_weights()["stem.conv.weight"])
     np.testing.assert_array_equal(stems[0], stems[1])
-    np.testing.assert_array_equal(stems[0], whitening_stem_kernel(cifar10.train_images, 3, 8))
+    sample = subset_index(len(cifar10.train_images), PATCH_IMAGES)
+    np.testing.assert_array_equal(stems[0], whitening_stem_kernel(cifar10.train_images[sample], 3, 8))
+    # The shared copy is an image folder, read class by class: its first 1000 images are all airplanes.
+    assert np.bincount(cifar10.train_labels[sample], minlength=10).min() >= 50
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -221,7 +247,7 @@ def test_dirac_initialisation_changes_the_expert_kernels_and_nothing_else(framew
 def test_a_checkpoint_written_before_a_recipe_field_existed_resumes_and_an_unknown_field_is_named():
     spec = RunSpec("tiny", get_preset("tiny").model, get_preset("tiny").train, seed=0, max_train_examples=None)
     older = spec.as_dict()
-    del older["train"]["norm_bias_lr_scale"], older["train"]["expert_kernel_init"]
+    del older["train"]["norm_bias_lr_scale"], older["train"]["expert_kernel_init"], older["precision"]
     assert recorded_spec(older) == spec.as_dict()
     newer = spec.as_dict()
     newer["train"]["lookahead"] = 0.5

@@ -12,7 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expert_core.config import BlockConfig, ModelConfig, block_merge, check_merge, normalisation_table
+from expert_core.config import (CPU_CHUNK_ELEMENTS, BlockConfig, ModelConfig, block_merge, check_merge,
+                                normalisation_table)
 
 # Aggregated does 1x instead of K x the conv FLOPs; "auto" keeps it where images are large enough
 # (expert_core.config.block_merge). README "Speed" and results/benchmark/ have the figures.
@@ -49,13 +50,9 @@ def merge_stacked(x, kernels, attention, padding):
     return torch.einsum("nk,nkchw->nchw", attention, y)
 
 
-# Elements per image (its aggregated kernel, input and output) that one grouped conv takes at a time
-# on the CPU: about 6 MB, which stays in cache. The whole batch at once was up to 1.7x slower (seed
-# preset, block 2, forward + backward: 36.8 ms in one call, 21.4 ms in chunks of 16 images).
-CPU_CHUNK_ELEMENTS = 1_500_000
-
-
 def merge_aggregated(x, kernels, attention, padding):
+    # One grouped conv per chunk of CPU_CHUNK_ELEMENTS: the whole batch at once was up to 1.7x slower
+    # (seed preset, block 2, forward + backward: 36.8 ms in one call, 21.4 ms in chunks of 16 images).
     per_image = kernels[0].numel() + x[0].numel() + kernels.shape[1] * x[0, 0].numel()
     size = max(1, CPU_CHUNK_ELEMENTS // per_image) if x.device.type == "cpu" else len(x)
     if size >= len(x):

@@ -24,19 +24,17 @@ import torch.nn.functional as F
 from data.augment import (AugmentParams, apply_augmentation, draw_augment_params, evaluation_views,
                           translate_images)
 from expert_core import portable, schedules
-from expert_core.config import ModelConfig, TrainConfig, parameter_dtype
+from expert_core.config import EVAL_BATCH, ModelConfig, TrainConfig, parameter_dtype
 from expert_core.training import Predictions, TrainingError, augment_rng
 from torch_reference import distributed
 from torch_reference.model import DEFAULT_MERGE, ExpertCNN, at_least_float32, to_model_input
-
-EVAL_BATCH = 500
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     if device == "auto":
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
-        raise RuntimeError(f"--device {device}: expected a CUDA GPU, found none; use --device cpu.")
+        raise TrainingError(f"--device {device}: expected a CUDA GPU, found none; use --device cpu.")
     resolved = torch.device(device)
     if resolved.type == "cuda" and resolved.index is None:
         return torch.device("cuda", local_rank)  # torchrun starts one process per GPU of the host
@@ -49,9 +47,12 @@ def parameter_groups(model: torch.nn.Module, config: TrainConfig) -> list[dict]:
     scale = config.norm_bias_lr_scale
     if scale == 1:
         return [{"params": list(model.parameters())}]
-    norm_biases = {id(m.bias) for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)}
-    return [{"params": [p for p in model.parameters() if id(p) not in norm_biases]},
-            {"params": [p for p in model.parameters() if id(p) in norm_biases],
+    # By canonical name, as the Flax side picks them: a multi-GPU run has swapped its BatchNorm2d
+    # layers for SyncBatchNorm, which a type test would miss.
+    norm_biases = set(portable.norm_bias_names(model.config))
+    named = list(model.named_parameters())
+    return [{"params": [p for name, p in named if name not in norm_biases]},
+            {"params": [p for name, p in named if name in norm_biases],
              "lr": config.learning_rate * scale, "weight_decay": config.weight_decay / scale}]
 
 
