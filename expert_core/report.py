@@ -27,6 +27,7 @@ import numpy as np
 from expert_core import checkpoints, plots, runfiles, schedules
 from expert_core.config import CLASS_NAMES, PRESETS, ModelConfig, TrainConfig, train_config_from_dict
 from expert_core.files import atomic_write_bytes
+from expert_core.portable import PortingError
 from expert_core.training import PORTABLE_WEIGHTS
 
 REPORT_FILE = "report.html"
@@ -35,6 +36,10 @@ GRID_SIZE = 40
 
 class ReportError(Exception):
     """A run directory, checkpoint or image the report or prediction cannot use; says what to do."""
+
+
+# What loading a user's checkpoint can fail with, each error saying what to do: scripts print these.
+LOAD_ERRORS = (ReportError, checkpoints.CheckpointError, PortingError)
 
 
 @dataclass

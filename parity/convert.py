@@ -19,10 +19,7 @@ from expert_core import checkpoints
 from expert_core.config import ModelConfig, TrainConfig, model_config_from_dict
 from expert_core.portable import (PortingError, canonical_to_flax, check_canonical, flax_to_canonical,
                                   load_portable)
-from expert_core.report import ReportError, evaluation_settings, resolve_checkpoint
-
-# What loading a user's checkpoint can fail with, each error saying what to do: scripts print these.
-LOAD_ERRORS = (ReportError, checkpoints.CheckpointError, PortingError)
+from expert_core.report import evaluation_settings, resolve_checkpoint
 
 
 def torch_to_canonical(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, np.ndarray]:

@@ -18,14 +18,15 @@ import time
 from data import DataError, load_cifar10
 from expert_core.config import PRESETS, get_preset
 from parity.checks import run_all
-from parity.convert import LOAD_ERRORS, canonical_to_torch, load_for_evaluation
+from expert_core.report import LOAD_ERRORS, resolve_checkpoint
+from parity.convert import canonical_to_torch, load_any_checkpoint
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    weights = parser.add_mutually_exclusive_group()  # a checkpoint carries its own model config
-    weights.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="model config at random init")
-    weights.add_argument("--checkpoint", help="a .ckpt from either train script, a portable .safetensors or a "
+    model_source = parser.add_mutually_exclusive_group()  # a checkpoint carries its own model config
+    model_source.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="model config at random init")
+    model_source.add_argument("--checkpoint", help="a .ckpt from either train script, a portable .safetensors or a "
                          "run directory")
     parser.add_argument("--images", type=int, default=1000, help="real CIFAR-10 test images to compare on")
     parser.add_argument("--steps", type=int, default=20, help="optimiser steps in the trajectory check")
@@ -38,9 +39,9 @@ def main(argv=None) -> int:
     seed_recipe = get_preset("seed").train
     try:
         if args.checkpoint:
-            weights = load_for_evaluation(args.checkpoint)
-            config, state_dict = weights.config, canonical_to_torch(weights.tensors, weights.config)
-            source = f"{weights.origin} checkpoint {weights.path}"
+            path = resolve_checkpoint(args.checkpoint)
+            tensors, config, origin = load_any_checkpoint(path)
+            state_dict, source = canonical_to_torch(tensors, config), f"{origin} checkpoint {path}"
         else:
             config, state_dict, source = get_preset(args.preset).model, None, f"random init, preset {args.preset}"
         dataset = load_cifar10(args.data)

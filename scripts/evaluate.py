@@ -18,9 +18,10 @@ import sys
 import numpy as np
 
 from data import DataError, load_cifar10
+from expert_core.report import LOAD_ERRORS
 from expert_core.training import subset_index
 from flax_expert.train import FlaxBackend
-from parity.convert import LOAD_ERRORS, EvaluationWeights, canonical_to_torch, load_for_evaluation
+from parity.convert import EvaluationWeights, canonical_to_torch, load_for_evaluation
 from torch_reference.train import TorchBackend
 
 

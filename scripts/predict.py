@@ -17,8 +17,7 @@ import sys
 
 import numpy as np
 
-from expert_core.report import IMAGE_POLICY, ReportError, format_record, prediction_record, read_image
-from parity.convert import LOAD_ERRORS, load_for_evaluation
+from expert_core.report import IMAGE_POLICY, LOAD_ERRORS, ReportError, format_record, prediction_record, read_image
 
 
 def main(argv=None) -> int:
@@ -47,6 +46,7 @@ def main(argv=None) -> int:
 
 def load_model(checkpoint: str):
     from flax_expert.train import FlaxBackend
+    from parity.convert import load_for_evaluation
 
     weights = load_for_evaluation(checkpoint)
     recipe = weights.recipe
