@@ -156,6 +156,7 @@ def summary_section(runs: list[Run]) -> str:
 
 
 SUMMARY_ROWS = (("framework", "framework"), ("preset", "preset"), ("epochs finished", "epochs"),
+                ("final test accuracy, every test-time view", "final"),
                 ("test accuracy, last evaluated epoch", "test_accuracy"), ("best test accuracy (epoch)", "best"),
                 ("train / test images", "examples"), ("train images / s", "images_per_second"),
                 ("train wall time", "train_wall_seconds"), ("device", "device"), ("precision", "precision"),
@@ -173,6 +174,8 @@ def _summary_value(run: Run, key: str) -> str:
         return f"{best['test_accuracy']:.2f} % ({best['epoch']})"
     if not run.summary:
         return "n/a (no summary.json yet)"
+    if key == "final":  # the run's result, which evaluation.npz and the sections below hold
+        return f"{summary['test_accuracy']:.2f} %"
     if key == "examples":
         return f"{summary['train_examples']} / {summary['test_examples']}"
     if key == "train_wall_seconds":
@@ -398,7 +401,7 @@ def evaluation_settings(path: Path, config: ModelConfig) -> tuple[float, TrainCo
         extra = load_portable(path)[2]
         preset = PRESETS.get(extra.get("preset"))
         if "train" in extra:
-            train = train_config_from_dict(extra["train"])
+            train = _recorded_recipe(extra["train"], path)
         elif preset is not None:
             train = preset.train
         else:
@@ -406,8 +409,17 @@ def evaluation_settings(path: Path, config: ModelConfig) -> tuple[float, TrainCo
         epochs = extra.get("epochs", train.epochs)
     else:
         header = checkpoints.read_checkpoint(path).header
-        train, epochs = train_config_from_dict(header["run"]["train"]), len(header["history"])
+        train, epochs = _recorded_recipe(header["run"]["train"], path), len(header["history"])
     return schedules.temperature(epochs - 1, config, train), train
+
+
+def _recorded_recipe(recorded: dict, path: Path) -> TrainConfig:
+    try:
+        return train_config_from_dict(recorded)
+    except (TypeError, KeyError, ValueError) as error:  # a field added or renamed by another version
+        raise ReportError(f"{path} records a recipe this code cannot read ({error}); expected the fields of "
+                          "expert_core.config.TrainConfig. Use the version of this library that wrote it (its "
+                          "summary.json names the commit).") from error
 
 
 def prediction_record(path: str, logits: np.ndarray, attention: list[np.ndarray], notes: list[str]) -> dict:

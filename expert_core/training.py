@@ -12,6 +12,7 @@ import contextlib
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Protocol
@@ -25,6 +26,7 @@ from expert_core.config import (MERGE_MODES, OPTIMIZERS, PRECISIONS, PRESETS, Mo
                                 model_config_from_dict, to_dict, train_config_from_dict, with_overrides)
 from expert_core.dirac import dirac_weights
 from expert_core.files import remove_abandoned_partials
+from expert_core.flags import counts_below_one
 from expert_core.whitening import PATCH_IMAGES, whitening_stem_kernel
 
 
@@ -86,10 +88,12 @@ class RunSpec:
     seed: int
     max_train_examples: int | None
     precision: str = "float32"
+    max_test_examples: int | None = None  # the test subset every epoch's evaluation scores
 
     def as_dict(self) -> dict:
         return {"preset": self.preset, "model": to_dict(self.model), "train": to_dict(self.train),
-                "seed": self.seed, "max_train_examples": self.max_train_examples, "precision": self.precision}
+                "seed": self.seed, "max_train_examples": self.max_train_examples, "precision": self.precision,
+                "max_test_examples": self.max_test_examples}
 
 
 def build_parser(framework: str) -> argparse.ArgumentParser:
@@ -135,56 +139,93 @@ def main(factory: BackendFactory, framework: str, argv: list[str] | None = None)
     return 0
 
 
+@dataclass
+class RunContext:
+    """What the run files need besides the history, fixed once training is set up."""
+
+    spec: RunSpec
+    backend: Backend
+    run_dir: Path
+    steps_per_epoch: int
+    class_names: tuple[str, ...]
+    data_source: str
+    merge: str | None
+    git_commit: str
+    test_index: np.ndarray
+    eval_every_epochs: int
+    final_evaluation_seconds: float = 0.0
+
+
 def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> dict | None:
     check_flag_values(args)
     git_commit = runfiles.git_commit()  # now: loading the data can take minutes, and the tree may change meanwhile
-    preset = get_preset(args.preset)
-    spec = RunSpec(args.preset, preset.model,
-                   with_overrides(preset.train, epochs=args.epochs, batch_size=args.batch_size,
-                                  learning_rate=args.lr, optimizer=args.optimizer,
-                                  weight_decay=args.weight_decay),
-                   args.seed, args.max_train_examples, args.precision)
+    spec = run_spec(args)
     dataset = load_cifar10(args.data, args.data_source, download=args.download)
     train_x, train_y = subset(dataset.train_images, dataset.train_labels, args.max_train_examples)
     test_index = subset_index(len(dataset.test_labels), args.max_test_examples)
     test_x, test_y = dataset.test_images[test_index], dataset.test_labels[test_index]
-    eval_every = preset.eval_every_epochs if args.eval_every is None else args.eval_every
-    steps_per_epoch = len(train_x) // spec.train.batch_size
-    if steps_per_epoch == 0:
-        raise TrainingError(f"expected at least one batch of {spec.train.batch_size} training images, found "
-                            f"{len(train_x)}; lower --batch-size or raise --max-train-examples.")
+    steps_per_epoch = count_steps_per_epoch(len(train_x), spec.train.batch_size)
     backend = factory(spec.model, spec.train, steps_per_epoch=steps_per_epoch, seed=spec.seed,
                       merge=args.merge, device=args.device, precision=spec.precision, devices=args.devices)
     run_dir = Path(args.out or f"runs/{framework}-{args.preset}")
     if backend.is_main_process:  # the only writer; the other processes read the directory on --resume only
         prepare_run_dir(run_dir, args.resume, args.overwrite)
     # --overwrite emptied it: nothing to resume, and no process reads a directory being deleted.
-    history = resume_state(run_dir, spec, backend) if args.resume and not args.overwrite else []
+    history = resume_state(run_dir, spec, backend, dataset.source) if args.resume and not args.overwrite else []
     if not history:
         initialise_from_data(backend, spec.train, spec.model, train_x)
-    context = dict(spec=spec, backend=backend, run_dir=run_dir, steps_per_epoch=steps_per_epoch,
-                   class_names=dataset.class_names, data_source=dataset.source, merge=args.merge,
-                   git_commit=git_commit, test_index=test_index,
-                   eval_every_epochs=eval_every)
-    predictions = None
+    eval_every = get_preset(args.preset).eval_every_epochs if args.eval_every is None else args.eval_every
+    context = RunContext(spec, backend, run_dir, steps_per_epoch, dataset.class_names, dataset.source, args.merge,
+                         git_commit, test_index, eval_every)
+    predictions = train_epochs(context, history, (train_x, train_y), (test_x, test_y))
+    predictions = final_predictions(context, history, predictions, test_x)
+    if not backend.is_main_process:
+        return None  # the main process writes the run files and returns the summary
+    return finish(context, history, predictions, test_y)
+
+
+def run_spec(args: argparse.Namespace) -> RunSpec:
+    """The preset with the recipe flags applied."""
+    preset = get_preset(args.preset)
+    train = with_overrides(preset.train, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
+                           optimizer=args.optimizer, weight_decay=args.weight_decay)
+    return RunSpec(args.preset, preset.model, train, args.seed, args.max_train_examples, args.precision,
+                   args.max_test_examples)
+
+
+def count_steps_per_epoch(train_images: int, batch_size: int) -> int:
+    if train_images < batch_size:
+        raise TrainingError(f"expected at least one batch of {batch_size} training images, found "
+                            f"{train_images}; lower --batch-size or raise --max-train-examples.")
+    return train_images // batch_size
+
+
+def train_epochs(context: RunContext, history: list[dict], train: tuple, test: tuple) -> Predictions | None:
+    """The epochs after those in `history`, appended to it; the last evaluation's predictions, if any."""
+    spec, backend, predictions = context.spec, context.backend, None
     for epoch in range(len(history), spec.train.epochs):
         epoch_start = time.perf_counter()
-        row = train_epoch(backend, spec, epoch, train_x, train_y, steps_per_epoch)
-        if (epoch + 1) % eval_every == 0 or epoch + 1 == spec.train.epochs:
-            predictions = backend.predict(test_x, row["temperature"])
-            row.update(evaluate(predictions, test_y))
+        row = train_epoch(backend, spec, epoch, *train, context.steps_per_epoch)
+        if (epoch + 1) % context.eval_every_epochs == 0 or epoch + 1 == spec.train.epochs:
+            predictions = backend.predict(test[0], row["temperature"])
+            row.update(evaluate(predictions, test[1]))
         history.append(row)
         row["epoch_seconds"] = time.perf_counter() - epoch_start
         if backend.is_main_process:
             save_epoch(context, history)
             print(epoch_line(row, spec.train.epochs), flush=True)
-    final_start = time.perf_counter()
-    if predictions is None or spec.train.test_time_translate:  # resumed a finished run, or more views
-        predictions = backend.predict(test_x, history[-1]["temperature"], spec.train.test_time_translate)
-    context["final_evaluation_seconds"] = time.perf_counter() - final_start
-    if not backend.is_main_process:
-        return None  # the main process writes the run files and returns the summary
-    return finish(context, history, predictions, test_y)
+    return predictions
+
+
+def final_predictions(context: RunContext, history: list[dict], predictions: Predictions | None,
+                      test_x: np.ndarray) -> Predictions:
+    """The last epoch's predictions, or fresh ones where it has none (a finished run resumed) or the
+    recipe adds the translated views."""
+    start, translate = time.perf_counter(), context.spec.train.test_time_translate
+    if predictions is None or translate:
+        predictions = context.backend.predict(test_x, history[-1]["temperature"], translate)
+    context.final_evaluation_seconds = time.perf_counter() - start
+    return predictions
 
 
 # Count flags: a value below 1 would crash minutes later (an empty test set, no epoch to summarise)
@@ -194,8 +235,7 @@ _AT_LEAST_ONE = ("epochs", "batch_size", "max_train_examples", "max_test_example
 
 def check_flag_values(args: argparse.Namespace) -> None:
     """Every out-of-range numeric flag, reported together before the data set is loaded."""
-    problems = [f"--{name.replace('_', '-')} of at least 1, found {getattr(args, name)}"
-                for name in _AT_LEAST_ONE if getattr(args, name) is not None and getattr(args, name) < 1]
+    problems = counts_below_one(args, _AT_LEAST_ONE)
     if args.lr is not None and not args.lr > 0:
         problems.append(f"--lr above 0, found {args.lr}")
     if args.weight_decay is not None and not args.weight_decay >= 0:
@@ -239,12 +279,14 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def resume_state(run_dir: Path, spec: RunSpec, backend: Backend) -> list[dict]:
+def resume_state(run_dir: Path, spec: RunSpec, backend: Backend, data_source: str) -> list[dict]:
     checkpoint = checkpoints.latest_checkpoint(run_dir)
     if checkpoint is None:  # killed before the first epoch ended: there is nothing to lose
         print(f"--resume: no usable checkpoint in {run_dir}; starting from the beginning", flush=True)
         return []
-    differences = _differences(recorded_spec(checkpoint.header["run"]), spec.as_dict())
+    recorded = recorded_spec(checkpoint.header["run"])
+    recorded.setdefault("max_test_examples", spec.max_test_examples)  # unrecorded before 2026-12-06
+    differences = _differences(recorded, spec.as_dict())
     if differences:
         raise TrainingError(f"--resume: {checkpoint.path} was written by a different run; differing "
                             f"fields (checkpoint -> now): {'; '.join(differences)}. Resume with the same "
@@ -252,12 +294,30 @@ def resume_state(run_dir: Path, spec: RunSpec, backend: Backend) -> list[dict]:
     if checkpoint.header["framework"] != backend.framework:
         raise TrainingError(f"--resume: {checkpoint.path} is a {checkpoint.header['framework']} checkpoint, "
                             f"this is {backend.framework}; use the matching train script.")
+    _warn_if_the_pixels_changed(checkpoint.header.get("data_source"), data_source)
     backend.load_state_bytes(checkpoint.payload)
     history = checkpoint.header["history"]
     if backend.is_main_process:
         runfiles.write_metrics(run_dir, history)
         print(f"resumed from {checkpoint.path} after epoch {len(history)}", flush=True)
     return history
+
+
+# Sources that hold the official pixels; an image folder holds whatever it was written as (JPEG here).
+OFFICIAL_PIXELS = ("tarball", "batches", "tfds")
+
+
+def _warn_if_the_pixels_changed(recorded: str | None, now: str) -> None:
+    # A warning, not a refusal: a copy moves with its user, so paths may differ; kinds can tell.
+    def pixels(source: str) -> str:
+        kind = source.split(":")[0]
+        return "official" if kind in OFFICIAL_PIXELS else kind
+
+    if recorded and pixels(recorded) != pixels(now):
+        warnings.warn(f"--resume: the checkpoint trained on {recorded}, this run reads {now}; the two may hold "
+                      "different pixels (an image folder of JPEGs against the official archive), and then the "
+                      "epochs from here on train and test on other images. Point --data at the first source, "
+                      "or go on if both hold the same pixels.")
 
 
 def recorded_spec(run: dict) -> dict:
@@ -354,29 +414,28 @@ def reporting_write_failures(run_dir: Path, what: str):
                             "or make the directory writable, then run again with --resume.") from error
 
 
-def save_epoch(context: dict, history: list[dict]) -> None:
-    spec, backend, run_dir = context["spec"], context["backend"], context["run_dir"]
+def save_epoch(context: RunContext, history: list[dict]) -> None:
+    spec, backend, run_dir = context.spec, context.backend, context.run_dir
     header = {"framework": backend.framework, "run": spec.as_dict(), "history": history,
-              "merge": context["merge"], "data_source": context["data_source"]}
+              "merge": context.merge, "data_source": context.data_source}
     with reporting_write_failures(run_dir, f"the files of epoch {len(history)}"):
         checkpoints.write_checkpoint(run_dir, len(history), header, backend.state_bytes())
         runfiles.write_metrics(run_dir, history)
         plots.plot_curves(history, run_dir / "curves.png", f"{backend.framework} · preset {spec.preset}")
 
 
-def finish(context: dict, history: list[dict], predictions: Predictions, test_y) -> dict:
+def finish(context: RunContext, history: list[dict], predictions: Predictions, test_y) -> dict:
     summary = make_summary(context, history, evaluate(predictions, test_y)["test_accuracy"], len(test_y))
-    with reporting_write_failures(context["run_dir"], "the final run files"):
+    with reporting_write_failures(context.run_dir, "the final run files"):
         write_final_files(context, history, predictions, test_y)
-        runfiles.write_json(context["run_dir"] / runfiles.SUMMARY_FILE, summary)
+        runfiles.write_json(context.run_dir / runfiles.SUMMARY_FILE, summary)
     print(f"done: test accuracy {summary['test_accuracy']:.2f}% after {len(history)} epochs, "
-          f"{summary['images_per_second']:.0f} img/s; run files in {context['run_dir']}", flush=True)
+          f"{summary['images_per_second']:.0f} img/s; run files in {context.run_dir}", flush=True)
     return summary
 
 
-def write_final_files(context: dict, history: list[dict], predictions: Predictions, test_y) -> None:
-    spec, backend, run_dir = context["spec"], context["backend"], context["run_dir"]
-    class_names = context["class_names"]
+def write_final_files(context: RunContext, history: list[dict], predictions: Predictions, test_y) -> None:
+    spec, backend, run_dir, class_names = context.spec, context.backend, context.run_dir, context.class_names
     per_class = runfiles.attention_per_class(predictions.attention, test_y, len(class_names))
     matrix = runfiles.confusion_matrix(test_y, predictions.logits.argmax(1), len(class_names))
     title = f"{backend.framework} · preset {spec.preset}"
@@ -387,14 +446,14 @@ def write_final_files(context: dict, history: list[dict], predictions: Predictio
                            {"framework": backend.framework, "preset": spec.preset, "epochs": len(history),
                             "train": to_dict(spec.train)})
     runfiles.write_evaluation(run_dir, {"logits": predictions.logits, "labels": test_y,
-                                        "test_index": context["test_index"],
+                                        "test_index": context.test_index,
                                         **{f"attention_{b}": a for b, a in enumerate(predictions.attention)}})
 
 
-def make_summary(context: dict, history: list[dict], test_accuracy: float, test_examples: int) -> dict:
+def make_summary(context: RunContext, history: list[dict], test_accuracy: float, test_examples: int) -> dict:
     """`test_accuracy`: the final evaluation's, with every test-time view; the epochs' (`best_test_accuracy`,
     `last_epoch_test_accuracy`) leave out the translated ones."""
-    spec, backend = context["spec"], context["backend"]
+    spec, backend = context.spec, context.backend
     best = max(runfiles.evaluated_epochs(history), key=lambda r: r["test_accuracy"])
     step_seconds = sum(r["train_seconds"] for r in history)
     return {
@@ -402,13 +461,13 @@ def make_summary(context: dict, history: list[dict], test_accuracy: float, test_
         "cpu": runfiles.cpu_name(), "precision": spec.precision, "epochs": len(history),
         "test_accuracy": test_accuracy, "last_epoch_test_accuracy": history[-1]["test_accuracy"],
         "best_test_accuracy": best["test_accuracy"], "best_epoch": best["epoch"],
-        "eval_every_epochs": context["eval_every_epochs"],
+        "eval_every_epochs": context.eval_every_epochs,
         "train_wall_seconds": round(sum(r["epoch_seconds"] for r in history), 2),
-        "final_evaluation_seconds": round(context["final_evaluation_seconds"], 2),
+        "final_evaluation_seconds": round(context.final_evaluation_seconds, 2),
         "images_per_second": round(sum(r["train_seconds"] * r["images_per_second"] for r in history)
                                    / step_seconds, 1),
-        "train_examples": context["steps_per_epoch"] * spec.train.batch_size,
-        "test_examples": test_examples, "data_source": context["data_source"],
-        "command": runfiles.command_line(), "git_commit": context["git_commit"],
+        "train_examples": context.steps_per_epoch * spec.train.batch_size,
+        "test_examples": test_examples, "data_source": context.data_source,
+        "command": runfiles.command_line(), "git_commit": context.git_commit,
         "versions": backend.versions(), **spec.as_dict(),
     }

@@ -253,7 +253,8 @@ class FlaxBackend:
 
     def train_step(self, images, labels, step, temperature):
         if step != int(self.state.step):
-            raise RuntimeError(f"expected optimiser step {int(self.state.step)}, the driver asked for {step}")
+            raise RuntimeError(f"expected optimiser step {int(self.state.step)}, the driver asked for {step}; "
+                               "pass the backend's own step count (a resumed backend restores it).")
         self.state, metrics = augmented_train_step(self.state, self.shard(images), self.shard(labels),
                                                    temperature, self.config.augment, self.config.label_smoothing,
                                                    self.lookahead)

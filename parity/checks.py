@@ -220,6 +220,8 @@ def train_both(pair: Pair, train_config: TrainConfig, batches, steps_per_epoch: 
     torch_backend = torch_train.TorchBackend(pair.config, train_config, steps_per_epoch=steps_per_epoch,
                                              seed=0, device="cpu", precision=dtype)
     torch_backend.model.load_state_dict(pair.torch_net.state_dict())
+    if torch_backend.lookahead:  # its average began at the backend's own random weights, Flax's at the pair's
+        torch_backend.lookahead.restart()
     # A copy: train_step donates its state, and the pair's own buffers must outlive this run.
     variables = jax.tree.map(lambda a: jnp.array(a, dtype), pair.variables)
     flax_net = pair.flax_net.clone(compute_dtype=jnp.dtype(dtype))
@@ -289,8 +291,9 @@ def optimizer_checks(train_config: TrainConfig, steps_per_epoch: int = 4, seed: 
     rows = []
     for optimizer in OPTIMIZERS:
         for schedule in LR_SCHEDULES:
+            # A bare tensor has no BatchNorm biases to scale; trajectory_checks covers that on the model.
             recipe = dataclasses.replace(train_config, optimizer=optimizer, lr_schedule=schedule, epochs=3,
-                                         step_size_epochs=1)
+                                         step_size_epochs=1, norm_bias_lr_scale=1.0)
             gradients = rng.standard_normal((recipe.epochs * steps_per_epoch, *start.shape))
             diff = _max_diff(*_optimised(recipe, steps_per_epoch, start, gradients))
             rows.append(Check(f"{optimizer} + {schedule} schedule, parameters after {len(gradients)} steps, float64",
@@ -341,8 +344,10 @@ def run_all(config: ModelConfig, train_config: TrainConfig, images, labels, stat
             steps: int = 20, batch_size: int = 32, seed: int = 0) -> list[Check]:
     """Every check on one config: round trips, optimisers, eval, train mode, gradients, a short trajectory.
 
-    The trajectory uses a StepLR whose step size is `steps // 3` optimiser steps, so the learning rate
-    decays twice inside the run.
+    The trajectory squeezes the recipe's schedule into about `steps`: as many epochs of `steps // 3`
+    optimiser steps as cover `steps`. At 20 steps: 4 epochs of 6, so a StepLR of one epoch decays three
+    times inside the run (at steps 6, 12 and 18) and a one-cycle schedule of 24 steps rises to its
+    peak and falls most of the way.
     """
     temperature = config.temperature
     pair = Pair.from_torch(config, state_dict, seed)
@@ -353,7 +358,7 @@ def run_all(config: ModelConfig, train_config: TrainConfig, images, labels, stat
     rows += gradient_checks(no_dropout, images[:batch_size], labels[:batch_size], temperature,
                             train_config.label_smoothing)
     steps_per_epoch = max(steps // 3, 1)
-    decaying = dataclasses.replace(train_config, step_size_epochs=1, epochs=max(train_config.epochs, 3))
+    decaying = dataclasses.replace(train_config, step_size_epochs=1, epochs=-(-steps // steps_per_epoch))
     batches = parity_batches(images, labels, train_config, steps, batch_size, seed)
     rows += trajectory_checks(no_dropout, decaying, batches, steps_per_epoch, images[:256], temperature)
     return rows

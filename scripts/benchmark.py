@@ -37,6 +37,7 @@ import numpy as np
 
 from data.augment import draw_augment_params
 from expert_core.config import MERGE_MODES, PRESETS, ModelConfig, block_merge, get_preset
+from expert_core.flags import counts_below_one
 from expert_core.huge_pages import relaunch_with_huge_pages
 from expert_core.runfiles import cpu_name, cpu_vector_isa, cpuinfo_values
 
@@ -137,7 +138,7 @@ def bench_torch(preset, merge, precision, images, labels, repeats, device):
 
     def evaluate():
         backend.model.eval()
-        with torch.no_grad(), backend.autocast:
+        with torch.no_grad():
             backend.model(to_model_input(images).to(backend.torch_device)).cpu()  # the copy back waits for the GPU
 
     for _ in range(2):  # warm-up: allocator, oneDNN primitive caches
@@ -257,6 +258,9 @@ def main(argv=None) -> int:
                         help="bfloat16: the training scripts' mixed precision (convolutions in bf16)")
     parser.add_argument("--json", help="write the table here as JSON")
     args = parser.parse_args(argv)
+    problems = counts_below_one(args, ("batch_size", "repeats", "processes"))
+    if problems:
+        parser.error(f"expected {'; '.join(problems)}.")
     limits = measure_limits(args.device)
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     print(f"{args.device.upper()}: {limits['device_name']} (host CPU: {cpu_name()}); peak ~{limits['peak_gflops']:.0f} "

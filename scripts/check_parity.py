@@ -4,6 +4,7 @@
     python scripts/check_parity.py --checkpoint runs/torch-seed/checkpoint-00003.ckpt
     python scripts/check_parity.py --json parity.json       # also write the table as JSON
 
+The gradient and trajectory checks train with the preset's recipe, or the checkpoint's own.
 Prints one row per check (quantity, max abs diff, tolerance, pass/fail; "report" for a figure shown
 but not judged); exits 1 if any fails.
 """
@@ -17,15 +18,17 @@ import time
 
 from data import DataError, load_cifar10
 from expert_core.config import PRESETS, get_preset
+from expert_core.flags import counts_below_one
+from expert_core.report import LOAD_ERRORS, evaluation_settings, resolve_checkpoint
 from parity.checks import run_all
-from expert_core.report import LOAD_ERRORS, resolve_checkpoint
 from parity.convert import canonical_to_torch, load_any_checkpoint
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_source = parser.add_mutually_exclusive_group()  # a checkpoint carries its own model config
-    model_source.add_argument("--preset", default="seed", choices=sorted(PRESETS), help="model config at random init")
+    model_source.add_argument("--preset", default="seed", choices=sorted(PRESETS),
+                              help="model config (at random init) and recipe")
     model_source.add_argument("--checkpoint", help="a .ckpt from either train script, a portable .safetensors or a "
                          "run directory")
     parser.add_argument("--images", type=int, default=1000, help="real CIFAR-10 test images to compare on")
@@ -35,23 +38,30 @@ def main(argv=None) -> int:
     parser.add_argument("--data", help="CIFAR-10 location (default: CIFAR10_PATH)")
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args(argv)
+    problems = counts_below_one(args, ("images", "steps", "batch_size"))
+    if problems:
+        parser.error(f"expected {'; '.join(problems)}.")
 
-    seed_recipe = get_preset("seed").train
     try:
         if args.checkpoint:
             path = resolve_checkpoint(args.checkpoint)
             tensors, config, origin = load_any_checkpoint(path)
             state_dict, source = canonical_to_torch(tensors, config), f"{origin} checkpoint {path}"
+            recipe = evaluation_settings(path, config)[1]  # the run's own, which its header or file records
         else:
             config, state_dict, source = get_preset(args.preset).model, None, f"random init, preset {args.preset}"
+            recipe = get_preset(args.preset).train
         dataset = load_cifar10(args.data)
     except (*LOAD_ERRORS, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
     images, labels = dataset.test_images[:args.images], dataset.test_labels[:args.images]
+    if args.batch_size > len(images):  # the batches are drawn from these images without replacement
+        parser.error(f"expected --batch-size of at most the {len(images)} test images compared on, found "
+                     f"{args.batch_size}; lower --batch-size or raise --images.")
     print(f"parity on {len(images)} CIFAR-10 test images; weights: {source}", flush=True)
     start = time.perf_counter()
-    rows = run_all(config, seed_recipe, images, labels, state_dict, steps=args.steps,
+    rows = run_all(config, recipe, images, labels, state_dict, steps=args.steps,
                    batch_size=args.batch_size, seed=args.seed)
     print_table(rows)
     failed = [row for row in rows if not row.passed]

@@ -68,9 +68,9 @@ def cifar10(_private_cache):
     return load_cifar10()
 
 
-def _recorded(seen: list, name: str, merge, *args):
+def _recorded(seen: list, name: str, merge, *args, **kwargs):
     seen.append(name)
-    return merge(*args)
+    return merge(*args, **kwargs)
 
 
 @pytest.fixture

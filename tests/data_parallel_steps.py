@@ -44,7 +44,8 @@ def single_and_data_parallel(framework: str):
     return single, make(TorchBackend)
 
 
-def largest_weight_difference(a: dict, b: dict) -> float:
+def largest_weight_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
+    assert a.keys() == b.keys(), sorted(a.keys() ^ b.keys())
     return max(float(np.abs(a[name].astype(np.float64) - b[name]).max()) for name in a)
 
 

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from scripts_as_modules import load_script
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -26,3 +28,10 @@ def test_benchmark_measures_both_frameworks_and_both_ratios(tmp_path):
     assert "tiny / aggregated: Flax / PyTorch train-step ratio" in result.stdout
     assert "tiny / torch: aggregated / branches train-step ratio" in result.stdout
     assert "merges alone (forward + backward)" in result.stdout
+
+
+def test_benchmark_refuses_every_count_below_one_together(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        load_script("benchmark").main(["--repeats", "0", "--processes", "-1"])
+    assert exit_info.value.code == 2
+    assert "expected --repeats of at least 1, found 0; --processes of at least 1, found -1." in capsys.readouterr().err

@@ -9,10 +9,11 @@ import numpy as np
 import optax
 import pytest
 
-from expert_core.config import BlockConfig, ModelConfig, TrainConfig
+from data import augment as numpy_augment
+from expert_core.config import AugmentConfig, BlockConfig, ModelConfig, TrainConfig
 from expert_core.training import TrainingError
 from flax_expert import train as flax_train
-from flax_expert.augment import augment_batch
+from flax_expert.augment import augment_batch, draw_augment_params
 from flax_expert.model import init_variables
 
 CONFIG = ModelConfig(stem_channels=6, blocks=(BlockConfig(6), BlockConfig(10)), num_experts=2)
@@ -90,6 +91,32 @@ def test_on_device_augmentation_is_deterministic_per_key_and_keeps_dtype():
     c = jax.jit(augment_batch, static_argnums=2)(images, jax.random.PRNGKey(4), RECIPE.augment)
     assert a.dtype == jnp.uint8 and a.shape == images.shape
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_on_device_draws_follow_the_distributions_of_the_numpy_draws_pytorch_uses():
+    """Flax trains on JAX draws, PyTorch on numpy's: the same support and the same quantiles."""
+    config = AugmentConfig(crop_padding=3, brightness=0.2, contrast=0.3, saturation=0.4, rotation_degrees=15)
+    n = 20_000
+    on_device = jax.jit(draw_augment_params, static_argnums=(1, 2))(jax.random.PRNGKey(0), n, config)
+    on_host = numpy_augment.draw_augment_params(np.random.default_rng(0), n, config)
+    for name in ("flip", "crop_offset"):
+        drawn, expected = np.asarray(getattr(on_device, name)).ravel(), getattr(on_host, name).ravel()
+        values = np.unique(expected)
+        assert np.array_equal(np.unique(drawn), values), name
+        frequencies = [np.mean(d[:, None] == values, axis=0) for d in (drawn, expected)]
+        np.testing.assert_allclose(*frequencies, atol=0.015, err_msg=name)
+    bounds = {"brightness": (0.8, 1.2), "contrast": (0.7, 1.3), "saturation": (0.6, 1.4),
+              "angle": (-np.radians(15), np.radians(15))}
+    for name, (low, high) in bounds.items():
+        drawn, expected = np.asarray(getattr(on_device, name)), getattr(on_host, name)
+        assert drawn.dtype == expected.dtype == np.float32, name
+        span = high - low
+        assert low - 1e-6 <= drawn.min() < low + 0.01 * span and high - 0.01 * span < drawn.max() <= high + 1e-6, name
+        quantiles = np.linspace(0, 1, 21)
+        np.testing.assert_allclose(np.quantile(drawn, quantiles), np.quantile(expected, quantiles),
+                                   atol=0.02 * span, err_msg=name)
+    flip_off = draw_augment_params(jax.random.PRNGKey(0), 64, dataclasses.replace(config, flip=False))
+    assert not np.asarray(flip_off.flip).any()
 
 
 def test_device_flag_rejects_a_missing_gpu():

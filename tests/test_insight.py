@@ -1,7 +1,7 @@
 """scripts/report.py, scripts/predict.py and scripts/evaluate.py on small real runs of both frameworks, written by the test."""
 
-import importlib.util
 import json
+import re
 import shutil
 from html.parser import HTMLParser
 from pathlib import Path
@@ -12,19 +12,12 @@ from PIL import Image
 
 from expert_core import runfiles
 from expert_core.config import CLASS_NAMES
+from expert_core.portable import load_portable, save_portable
 from expert_core.report import Run, evaluated_images, probabilities, worst_mistakes
 from expert_core.training import build_parser, run
+from scripts_as_modules import load_script
 
-ROOT = Path(__file__).resolve().parents[1]
 SMALL = ["--preset", "tiny", "--max-train-examples", "512", "--max-test-examples", "200"]
-
-
-def load_script(name):
-    spec = importlib.util.spec_from_file_location(f"{name}_script", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
 
 report_cli, predict_cli, evaluate_cli = load_script("report"), load_script("predict"), load_script("evaluate")
 
@@ -128,6 +121,11 @@ def test_report_on_both_runs(runs, cifar10, tmp_path, capsys):
     assert page.headings == ["Runs", "Training curves", "Accuracy per class and confusion",
                              "What the experts attend to", "Expert usage over training", "Worst mistakes"]
     assert len(page.images) == 1 + 1 + 4 * 2  # curves, per-class accuracy; 4 figures per run
+    final_row = re.search(r"<th>final test accuracy, every test-time view</th>(.*?)</tr>",
+                          (out / "report.html").read_text()).group(1)
+    assert re.findall("<td>(.*?)</td>", final_row) == [
+        f"{json.loads((runs[framework] / 'summary.json').read_text())['test_accuracy']:.2f} %"
+        for framework in ("flax", "torch")]
     assert set(page.mistakes) == {"flax", "torch"}
     for framework, rows in page.mistakes.items():
         check_mistakes(rows, runs[framework], cifar10)
@@ -296,3 +294,11 @@ def test_evaluate_unusable_checkpoint_is_one_clear_error(tmp_path, capsys):
     assert "not an expert-cnn checkpoint" in capsys.readouterr().err
     assert evaluate_cli.main(["--checkpoint", str(tmp_path)]) == 1
     assert "found neither" in capsys.readouterr().err
+
+
+def test_evaluate_a_recipe_from_another_version_is_one_clear_error(runs, tmp_path, capsys):
+    tensors, config, extra = load_portable(runs["flax"] / "weights.safetensors")
+    newer = tmp_path / "newer.safetensors"
+    save_portable(newer, tensors, config, {**extra, "train": {**extra["train"], "lookahead_sync": 3}})
+    assert evaluate_cli.main(["--checkpoint", str(newer)]) == 1
+    assert f"{newer} records a recipe this code cannot read" in capsys.readouterr().err

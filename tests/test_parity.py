@@ -19,6 +19,7 @@ from flax_expert.train import FlaxBackend
 from parity.checks import (GRADIENT_TOLERANCE, Pair, eval_checks, gradient_checks, optimizer_checks, parity_batches,
                            run_all, train_mode_checks, trajectory_checks)
 from parity.convert import (canonical_to_torch, port_flax_to_torch, port_torch_to_flax, torch_to_canonical)
+from scripts_as_modules import load_script
 from torch_reference.model import ExpertCNN as TorchExpertCNN
 from torch_reference.model import to_model_input as torch_to_model_input
 from torch_reference import train as torch_train
@@ -83,8 +84,11 @@ def test_every_mismatch_is_reported_together():
     assert "wrong shape: params/blocks_0/kernels: expected (3, 3, 3, 8, 12), found (3, 3, 3, 8)" in message
 
 
-def test_every_optimiser_takes_the_same_steps_in_both_frameworks():
-    rows = optimizer_checks(SEED_RECIPE)
+# With BatchNorm biases at 64x the learning rate too, which a bare tensor has none of.
+@pytest.mark.parametrize("recipe", [SEED_RECIPE, dataclasses.replace(SEED_RECIPE, norm_bias_lr_scale=64.0)],
+                         ids=["seed", "scaled-biases"])
+def test_every_optimiser_takes_the_same_steps_in_both_frameworks(recipe):
+    rows = optimizer_checks(recipe)
     assert len(rows) == len(LR_SCHEDULES) * len(OPTIMIZERS)
     assert_all_pass(rows)
 
@@ -131,9 +135,10 @@ def assert_all_pass(rows):
     assert not failed, "\n".join(failed)
 
 
-def test_all_checks_on_real_images(cifar10):
+@pytest.mark.parametrize("preset", ["seed", "fast"])  # StepLR with Adam + L2; one-cycle with AdamW
+def test_all_checks_on_real_images(cifar10, preset):
     images, labels = cifar10.test_images[:256], cifar10.test_labels[:256]
-    rows = run_all(SMALL, SEED_RECIPE, images, labels, steps=20, batch_size=16)
+    rows = run_all(SMALL, get_preset(preset).train, images, labels, steps=20, batch_size=16)
     assert_all_pass(rows)
     reported_only = [r.quantity for r in rows if r.tolerance is None]
     assert not reported_only, f"float32 left these rows to float64 on the fixed config: {reported_only}"
@@ -157,7 +162,8 @@ def test_lookahead_trains_alike_in_both_frameworks(cifar10, monkeypatch):
     images, labels = cifar10.test_images[:64], cifar10.test_labels[:64]
     # Three epochs of two steps: syncs after steps 2, 4 and 6, the last at decay 0.95 ** 2.
     recipe = dataclasses.replace(get_preset("fast").train, epochs=3, lookahead_period=2)
-    pair = Pair.from_torch(dataclasses.replace(SMALL, dropout=0.0))
+    # Not seed 0, the backends' own: both averages must start from the pair's weights, not their own.
+    pair = Pair.from_torch(dataclasses.replace(SMALL, dropout=0.0), seed=1)
     batches = parity_batches(images, labels, recipe, steps=6, batch_size=16)
     assert_all_pass(trajectory_checks(pair, recipe, batches, 2, images, SMALL.temperature))
     monkeypatch.setattr(torch_train.Lookahead, "after_step", lambda self, step: None)
@@ -227,3 +233,15 @@ def test_test_time_views_are_the_weighted_shifted_predictions_in_both_frameworks
                       for shift, weight in ((0, 0.5), (1, 0.25), (-1, 0.25)))
         np.testing.assert_allclose(logits[name], by_hand, rtol=1e-5, atol=1e-6, err_msg=name)
     np.testing.assert_allclose(logits["flax"], logits["torch"], rtol=1e-4, atol=1e-5)
+
+
+def test_check_parity_refuses_bad_counts_and_a_batch_larger_than_its_images(cifar10, capsys):
+    check_parity = load_script("check_parity")
+    with pytest.raises(SystemExit) as exit_info:
+        check_parity.main(["--images", "0", "--steps", "-2"])
+    assert exit_info.value.code == 2
+    assert "expected --images of at least 1, found 0; --steps of at least 1, found -2." in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exit_info:
+        check_parity.main(["--images", "10", "--batch-size", "32"])
+    assert exit_info.value.code == 2
+    assert "expected --batch-size of at most the 10 test images compared on, found 32" in capsys.readouterr().err

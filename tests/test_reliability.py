@@ -24,9 +24,8 @@ KILLS = [("step", 5), ("checkpoint-write", 1), ("metrics", 2), ("step", 3), ("fi
 TIMING_KEYS = ("train_seconds", "images_per_second", "epoch_seconds")
 
 
-@pytest.fixture(autouse=True)
-def _needs_data(cifar10):
-    """The subprocesses train on the real data set (CIFAR10_PATH)."""
+# The subprocesses train on the real data set (CIFAR10_PATH): skipped without it.
+pytestmark = pytest.mark.usefixtures("cifar10")
 
 
 def launch(framework, run_dir, *args, kill=None, file_size_limit=None):

@@ -2,6 +2,8 @@
 
 import re
 
+import numpy as np
+
 from expert_core import runfiles
 
 
@@ -15,3 +17,14 @@ def test_git_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monk
     assert runfiles.git_commit() == "unknown"
     monkeypatch.setenv("EXPERT_CNN_GIT_COMMIT", "0123abc")
     assert runfiles.git_commit() == "0123abc"
+
+
+def test_confusion_matrix_rows_are_the_true_class_and_columns_the_prediction():
+    matrix = runfiles.confusion_matrix(np.array([0, 0, 1, 2]), np.array([1, 0, 1, 1]), 3)
+    np.testing.assert_array_equal(matrix, [[1, 1, 0], [0, 1, 0], [0, 1, 0]])
+
+
+def test_attention_per_class_averages_each_class_images_in_each_block():
+    first = np.array([[1.0, 0.0], [0.5, 0.5], [0.0, 1.0]])
+    per_class = runfiles.attention_per_class([first, first[::-1]], np.array([0, 0, 1]), 2)
+    np.testing.assert_allclose(per_class, [[[0.75, 0.25], [0.0, 1.0]], [[0.25, 0.75], [1.0, 0.0]]])

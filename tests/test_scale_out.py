@@ -24,6 +24,7 @@ import torch
 from expert_core import checkpoints, portable, runfiles
 from expert_core.config import get_preset
 from expert_core.training import TrainingError
+from data_parallel_steps import largest_weight_difference
 from test_training import FRAMEWORKS, SHORT, backend_factory, train
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -107,11 +108,6 @@ def float64_weights(framework: str, path: Path) -> dict[str, np.ndarray]:
     return portable.flax_to_canonical({k: state[k] for k in ("params", "batch_stats")}, get_preset("tiny").model)
 
 
-def largest_difference(a: dict[str, np.ndarray], b: dict[str, np.ndarray]) -> float:
-    assert a.keys() == b.keys()
-    return max(float(np.abs(a[name].astype(np.float64) - b[name]).max()) for name in a)
-
-
 def losses(run_dir: Path) -> np.ndarray:
     return np.array([[row["train_loss"], row["test_loss"]] for row in runfiles.read_metrics(run_dir)])
 
@@ -138,7 +134,7 @@ def test_two_device_run_matches_one_device_and_each_resumes_the_other(framework,
     first_epoch_train_loss = runfiles.read_metrics(two)[0]["train_loss"], runfiles.read_metrics(one)[0]["train_loss"]
     assert abs(np.subtract(*first_epoch_train_loss)) <= TOLERANCE
     np.testing.assert_allclose(losses(two), losses(one), rtol=0, atol=FREE_RUNNING_TOLERANCE)
-    after_twenty_steps = largest_difference(checkpoint_weights(framework, two / "checkpoint-00001.ckpt"),
+    after_twenty_steps = largest_weight_difference(checkpoint_weights(framework, two / "checkpoint-00001.ckpt"),
                                             checkpoint_weights(framework, one / "checkpoint-00001.ckpt"))
     assert after_twenty_steps <= FREE_RUNNING_TOLERANCE
 
@@ -166,7 +162,7 @@ def test_float64_runs_on_two_devices_and_on_one_end_the_same(framework, cifar10,
     np.testing.assert_allclose(losses(two), losses(one), rtol=0, atol=FLOAT64_TOLERANCE)
     weights = [float64_weights(framework, run_dir / "checkpoint-00001.ckpt") for run_dir in (two, one)]
     assert weights[0]["stem.conv.weight"].dtype == np.float64
-    assert largest_difference(*weights) <= FLOAT64_TOLERANCE
+    assert largest_weight_difference(*weights) <= FLOAT64_TOLERANCE
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

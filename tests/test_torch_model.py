@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig
+from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig, TrainConfig
 from torch_reference import model as torch_model
 from torch_reference.model import ExpertCNN, to_model_input
 
@@ -230,3 +230,32 @@ def test_model_input_rejects_anything_but_uint8_nhwc():
         to_model_input(np.zeros((2, 32, 32, 3), np.float32))
     with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
         to_model_input(np.zeros((2, 3, 32, 32), np.uint8))
+
+
+def test_bfloat16_runs_the_convolutions_alone_in_bfloat16():
+    """As Flax does (expert_core.config.PRECISIONS): BatchNorm, the expert branch and the classifier
+    compute in float32, where torch.autocast would run the linear layers in bfloat16."""
+    from torch_reference.train import TorchBackend
+
+    def make_backend(precision):
+        return TorchBackend(MIXED, TrainConfig(batch_size=6), steps_per_epoch=1, seed=0, device="cpu",
+                            precision=precision)
+
+    backend = make_backend("bfloat16")
+    inputs, outputs = {}, {}
+
+    def record(seen, name, tensor):  # a hook that returned a value would replace the module's input or output
+        seen[name] = tensor.dtype
+
+    for name, module in backend.model.named_modules():
+        if isinstance(module, (torch.nn.Linear, torch.nn.BatchNorm2d)):
+            module.register_forward_hook(lambda module, args, out, name=name: record(outputs, name, out))
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.register_forward_pre_hook(lambda module, args, name=name: record(inputs, name, args[0]))
+    images = np.random.default_rng(0).integers(0, 256, (6, 8, 8, 3), dtype=np.uint8)
+    half = backend.step_on_batch(images, np.arange(6), 1.0)[0]
+    assert half != make_backend("float32").step_on_batch(images, np.arange(6), 1.0)[0]  # convolutions in bf16
+    linear_layers = 2 * len(MIXED.blocks) + 2  # fc1 and fc2 per block; the classifier's hidden and output
+    norms = len(MIXED.blocks) + 1  # each block's and the stem's
+    assert len(outputs) == linear_layers + norms and len(inputs) == norms
+    assert set(outputs.values()) == set(inputs.values()) == {torch.float32}

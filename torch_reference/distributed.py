@@ -18,8 +18,6 @@ import torch.distributed as dist
 import torch.distributed._functional_collectives as functional_collectives
 from torch import nn
 
-from torch_reference.model import at_least_float32
-
 
 @dataclass(frozen=True)
 class World:
@@ -80,7 +78,6 @@ class CpuSyncBatchNorm(nn.BatchNorm2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if not self.training:
             return super().forward(x)
-        x = at_least_float32(x)
         count = x.numel() // x.shape[1] * dist.get_world_size()
         mean = _all_reduce_sum(x.sum((0, 2, 3))) / count
         centred = x - mean.view(1, -1, 1, 1)

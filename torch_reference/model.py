@@ -7,6 +7,8 @@ three merge computations share the very same weights and switching `merge` never
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -33,9 +35,11 @@ def to_model_input(images) -> torch.Tensor:
     return x.permute(0, 3, 1, 2).contiguous()  # contiguous NCHW, not a channels-last view
 
 
-def at_least_float32(x: torch.Tensor) -> torch.Tensor:
-    """bfloat16 (autocast) -> float32 for statistics and the loss; float32 and float64 stay as they are."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
+def in_dtype(compute, dtype: torch.dtype | None, *operands) -> torch.Tensor:
+    """Run `compute` on the operands cast to `dtype` (None: as they are) and hand back at least float32
+    (BatchNorm's input): bfloat16 convolutions feed a float32 BatchNorm, parity's float64 ones a float64 one."""
+    y = compute(*(o if dtype is None else o.to(dtype) for o in operands))
+    return y.to(torch.promote_types(y.dtype, torch.float32))
 
 
 def merge_branches(x, kernels, attention, padding):
@@ -82,8 +86,9 @@ class Stem(nn.Module):
         self.bn = nn.BatchNorm2d(config.stem_channels, eps=config.bn_eps, momentum=config.bn_momentum)
         nn.init.kaiming_normal_(self.conv.weight, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x):
-        return F.relu(self.bn(self.conv(x)))
+    def forward(self, x, compute_dtype: torch.dtype | None = None):
+        conv = functools.partial(F.conv2d, padding=self.conv.padding)
+        return F.relu(self.bn(in_dtype(conv, compute_dtype, x, self.conv.weight)))
 
 
 class ExpertBranch(nn.Module):
@@ -115,10 +120,10 @@ class ExpertBlock(nn.Module):
         for kernel in self.kernels.data:  # fan_out of one expert, as if each were a conv of its own
             nn.init.kaiming_normal_(kernel, mode="fan_out", nonlinearity="relu")
 
-    def forward(self, x, temperature: float):
+    def forward(self, x, temperature: float, compute_dtype: torch.dtype | None = None):
         attention = self.expert(x, temperature)
-        merge = MERGES[block_merge(self.merge, *x.shape[2:])]
-        y = self.bn(merge(x, self.kernels, attention, self.padding))
+        merge = functools.partial(MERGES[block_merge(self.merge, *x.shape[2:])], padding=self.padding)
+        y = self.bn(in_dtype(merge, compute_dtype, x, self.kernels, attention))
         if self.block.residual:
             y = y + x
         y = F.relu(y)
@@ -147,11 +152,16 @@ class Classifier(nn.Module):
 
 
 class ExpertCNN(nn.Module):
-    """Stem -> expert blocks -> classifier. `merge` may be reassigned at any time; weights stay put."""
+    """Stem -> expert blocks -> classifier. `merge` may be reassigned at any time; weights stay put.
 
-    def __init__(self, config: ModelConfig, merge: str = DEFAULT_MERGE):
+    `compute_dtype` torch.bfloat16 runs the convolutions alone in bfloat16, as Flax's model does
+    (expert_core.config.PRECISIONS); None computes them in the parameters' dtype.
+    """
+
+    def __init__(self, config: ModelConfig, merge: str = DEFAULT_MERGE, compute_dtype: torch.dtype | None = None):
         super().__init__()
         self.config = config
+        self.compute_dtype = compute_dtype
         self.stem = Stem(config)
         self.blocks = nn.ModuleList(
             ExpertBlock(c_in, block, config, merge)
@@ -172,10 +182,10 @@ class ExpertCNN(nn.Module):
         """Logits (N, classes), plus the per-block attention (N, K) list when return_attention."""
         temperature = self.config.temperature if temperature is None else temperature
         # The usual float32 batch meets a .double() model (parity's float64 checks) in float64.
-        x = self.stem(x.to(self.stem.conv.weight.dtype))
+        x = self.stem(x.to(self.stem.conv.weight.dtype), self.compute_dtype)
         attention = []
         for block in self.blocks:
-            x, a = block(x, temperature)
+            x, a = block(x, temperature, self.compute_dtype)
             attention.append(a)
         logits = self.classifier(x)
         return (logits, attention) if return_attention else logits

@@ -27,7 +27,7 @@ from expert_core import portable, schedules
 from expert_core.config import EVAL_BATCH, ModelConfig, TrainConfig, parameter_dtype
 from expert_core.training import Predictions, TrainingError, augment_rng
 from torch_reference import distributed
-from torch_reference.model import DEFAULT_MERGE, ExpertCNN, at_least_float32, to_model_input
+from torch_reference.model import DEFAULT_MERGE, ExpertCNN, to_model_input
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -116,14 +116,14 @@ class TorchBackend:
         _check_world(self.world, train_config.batch_size, devices)
         self.is_main_process = self.world.rank == 0
         self.torch_device = resolve_device(device, self.world.local_rank)
-        # autocast keeps BatchNorm, softmax and the loss in float32 and the parameters stay float32.
-        self.autocast = torch.autocast(self.torch_device.type, torch.bfloat16, enabled=precision == "bfloat16")
         self.device = _describe(self.torch_device, self.world.size)
         self.config = train_config
         self.seed = seed
         torch.manual_seed(seed)
-        self.model = ExpertCNN(model_config, merge or DEFAULT_MERGE).to(self.torch_device,
-                                                                        getattr(torch, parameter_dtype(precision)))
+        # bfloat16: the convolutions alone, from float32 parameters (expert_core.config.PRECISIONS).
+        compute_dtype = torch.bfloat16 if precision == "bfloat16" else None
+        self.model = ExpertCNN(model_config, merge or DEFAULT_MERGE, compute_dtype).to(
+            self.torch_device, getattr(torch, parameter_dtype(precision)))
         self.trained = self.model  # what a training step calls: the model itself, or its DDP wrapper
         if self.world.size > 1:
             distributed.join_process_group(self.torch_device)
@@ -151,9 +151,8 @@ class TorchBackend:
         self.model.train()
         x = to_model_input(images).to(self.torch_device)
         y = torch.as_tensor(labels, dtype=torch.long, device=self.torch_device)
-        with self.autocast:
-            logits = self.trained(x, temperature=temperature)
-        loss = smoothed_cross_entropy(at_least_float32(logits), y, self.config.label_smoothing)
+        logits = self.trained(x, temperature=temperature)
+        loss = smoothed_cross_entropy(logits, y, self.config.label_smoothing)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()  # DDP averages the gradients over the processes here
         grad_norm = torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in self.model.parameters()
@@ -184,10 +183,9 @@ class TorchBackend:
         logits, attention = 0.0, None
         for dy, dx, weight in evaluation_views(translate):
             x = to_model_input(translate_images(images, dy, dx, np)).to(self.torch_device)
-            with self.autocast:
-                view_logits, view_attention = self.model(x, temperature=temperature, return_attention=True)
-                if self.config.test_time_flip:
-                    view_logits = (view_logits + self.model(x.flip(3), temperature=temperature)) / 2
+            view_logits, view_attention = self.model(x, temperature=temperature, return_attention=True)
+            if self.config.test_time_flip:
+                view_logits = (view_logits + self.model(x.flip(3), temperature=temperature)) / 2
             logits, attention = logits + weight * view_logits, attention or view_attention
         return logits, attention
 

@@ -1,0 +1,11 @@
+"""Checks of the entry points' numeric flags, each entry point reporting every bad one in one message."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def counts_below_one(args: argparse.Namespace, names) -> list[str]:
+    """What is wrong with each count flag among `names` set below 1 (unset ones are left to their default)."""
+    return [f"--{name.replace('_', '-')} of at least 1, found {getattr(args, name)}"
+            for name in names if getattr(args, name) is not None and getattr(args, name) < 1]
