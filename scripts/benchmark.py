@@ -37,7 +37,7 @@ import numpy as np
 
 from data.augment import draw_augment_params
 from expert_core.config import MERGE_MODES, PRESETS, ModelConfig, block_merge, get_preset
-from expert_core.flags import counts_below_one
+from expert_core.flags import refuse_counts_below_one
 from expert_core.huge_pages import relaunch_with_huge_pages
 from expert_core.runfiles import cpu_name, cpu_vector_isa, cpuinfo_values
 
@@ -258,9 +258,7 @@ def main(argv=None) -> int:
                         help="bfloat16: the training scripts' mixed precision (convolutions in bf16)")
     parser.add_argument("--json", help="write the table here as JSON")
     args = parser.parse_args(argv)
-    problems = counts_below_one(args, ("batch_size", "repeats", "processes"))
-    if problems:
-        parser.error(f"expected {'; '.join(problems)}.")
+    refuse_counts_below_one(parser, args, ("batch_size", "repeats", "processes"))
     limits = measure_limits(args.device)
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     print(f"{args.device.upper()}: {limits['device_name']} (host CPU: {cpu_name()}); peak ~{limits['peak_gflops']:.0f} "

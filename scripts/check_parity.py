@@ -18,10 +18,10 @@ import time
 
 from data import DataError, load_cifar10
 from expert_core.config import PRESETS, get_preset
-from expert_core.flags import counts_below_one
-from expert_core.report import LOAD_ERRORS, evaluation_settings, resolve_checkpoint
+from expert_core.flags import refuse_counts_below_one
+from expert_core.report import LOAD_ERRORS
 from parity.checks import run_all
-from parity.convert import canonical_to_torch, load_any_checkpoint
+from parity.convert import canonical_to_torch, load_for_evaluation
 
 
 def main(argv=None) -> int:
@@ -38,16 +38,14 @@ def main(argv=None) -> int:
     parser.add_argument("--data", help="CIFAR-10 location (default: CIFAR10_PATH)")
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args(argv)
-    problems = counts_below_one(args, ("images", "steps", "batch_size"))
-    if problems:
-        parser.error(f"expected {'; '.join(problems)}.")
+    refuse_counts_below_one(parser, args, ("images", "steps", "batch_size"))
 
     try:
         if args.checkpoint:
-            path = resolve_checkpoint(args.checkpoint)
-            tensors, config, origin = load_any_checkpoint(path)
-            state_dict, source = canonical_to_torch(tensors, config), f"{origin} checkpoint {path}"
-            recipe = evaluation_settings(path, config)[1]  # the run's own, which its header or file records
+            weights = load_for_evaluation(args.checkpoint)  # its recipe: the one the run trained with
+            config, recipe = weights.config, weights.recipe
+            state_dict = canonical_to_torch(weights.tensors, config)
+            source = f"{weights.origin} checkpoint {weights.path}"
         else:
             config, state_dict, source = get_preset(args.preset).model, None, f"random init, preset {args.preset}"
             recipe = get_preset(args.preset).train
