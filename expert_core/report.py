@@ -391,25 +391,19 @@ def resolve_checkpoint(path) -> Path:
     return latest.path
 
 
-def evaluation_settings(path: Path, config: ModelConfig) -> tuple[float, TrainConfig]:
+def evaluation_settings(run_record: dict, config: ModelConfig, path: Path) -> tuple[float, TrainConfig]:
     """The temperature and recipe (test-time views) of the run's own final evaluation, so predictions
-    match evaluation.npz. A portable file without its recipe (written before they carried one) is
-    evaluated as its preset now says; one from elsewhere with the model's temperature and no views."""
-    if Path(path).suffix == ".safetensors":
-        from expert_core.portable import load_portable
-
-        extra = load_portable(path)[2]
-        preset = PRESETS.get(extra.get("preset"))
-        if "train" in extra:
-            train = _recorded_recipe(extra["train"], path)
-        elif preset is not None:
-            train = preset.train
-        else:
-            return config.temperature, TrainConfig()
-        epochs = extra.get("epochs", train.epochs)
+    match evaluation.npz. `run_record` is what the weights file at `path` records of its run. A portable
+    file without its recipe (written before they carried one) is evaluated as its preset now says; one
+    from elsewhere with the model's temperature and no views."""
+    preset = PRESETS.get(run_record.get("preset"))
+    if "train" in run_record:
+        train = _recorded_recipe(run_record["train"], path)
+    elif preset is not None:
+        train = preset.train
     else:
-        header = checkpoints.read_checkpoint(path).header
-        train, epochs = _recorded_recipe(header["run"]["train"], path), len(header["history"])
+        return config.temperature, TrainConfig()
+    epochs = run_record.get("epochs", train.epochs)
     return schedules.temperature(epochs - 1, config, train), train
 
 

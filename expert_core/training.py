@@ -159,10 +159,10 @@ class RunContext:
 def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> dict | None:
     check_flag_values(args)
     git_commit = runfiles.git_commit()  # now: loading the data can take minutes, and the tree may change meanwhile
-    spec = run_spec(args)
     dataset = load_cifar10(args.data, args.data_source, download=args.download)
-    train_x, train_y = subset(dataset.train_images, dataset.train_labels, args.max_train_examples)
-    test_index = subset_index(len(dataset.test_labels), args.max_test_examples)
+    spec = run_spec(args, len(dataset.train_labels), len(dataset.test_labels))
+    train_x, train_y = subset(dataset.train_images, dataset.train_labels, spec.max_train_examples)
+    test_index = subset_index(len(dataset.test_labels), spec.max_test_examples)
     test_x, test_y = dataset.test_images[test_index], dataset.test_labels[test_index]
     steps_per_epoch = count_steps_per_epoch(len(train_x), spec.train.batch_size)
     backend = factory(spec.model, spec.train, steps_per_epoch=steps_per_epoch, seed=spec.seed,
@@ -184,13 +184,18 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
     return finish(context, history, predictions, test_y)
 
 
-def run_spec(args: argparse.Namespace) -> RunSpec:
+def run_spec(args: argparse.Namespace, train_images: int, test_images: int) -> RunSpec:
     """The preset with the recipe flags applied."""
     preset = get_preset(args.preset)
     train = with_overrides(preset.train, epochs=args.epochs, batch_size=args.batch_size, learning_rate=args.lr,
                            optimizer=args.optimizer, weight_decay=args.weight_decay)
-    return RunSpec(args.preset, preset.model, train, args.seed, args.max_train_examples, args.precision,
-                   args.max_test_examples)
+    return RunSpec(args.preset, preset.model, train, args.seed, effective_cap(args.max_train_examples, train_images),
+                   args.precision, effective_cap(args.max_test_examples, test_images))
+
+
+def effective_cap(requested: int | None, available: int) -> int | None:
+    """A cap at or above what there is caps nothing: recorded as none, so that --resume without it matches."""
+    return None if requested is None or requested >= available else requested
 
 
 def count_steps_per_epoch(train_images: int, batch_size: int) -> int:

@@ -41,24 +41,26 @@ def port_flax_to_torch(variables, config: ModelConfig) -> dict[str, torch.Tensor
     return canonical_to_torch(flax_to_canonical(variables, config), config)
 
 
-def load_any_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], ModelConfig, str]:
-    """Canonical tensors, model config and origin ("torch", "flax" or "portable") of a checkpoint file."""
+def load_any_checkpoint(path: str | Path) -> tuple[dict[str, np.ndarray], ModelConfig, str, dict]:
+    """Canonical tensors, model config, origin ("torch", "flax" or "portable") of a checkpoint file, and
+    what it records of its run (recipe, preset, epochs), read in one pass over the file."""
     path = Path(path)
     if path.suffix == ".safetensors":
-        tensors, config, _ = load_portable(path)
-        return tensors, config, "portable"
+        tensors, config, extra = load_portable(path)
+        return tensors, config, "portable", extra
     checkpoint = checkpoints.read_checkpoint(path)
     config = model_config_from_dict(checkpoint.header["run"]["model"])
+    run_record = {"train": checkpoint.header["run"]["train"], "epochs": len(checkpoint.header["history"])}
     framework = checkpoint.header["framework"]
     if framework == "torch":
         state = torch.load(io.BytesIO(checkpoint.payload), map_location="cpu", weights_only=True)
-        return torch_to_canonical(state["model"], config), config, framework
+        return torch_to_canonical(state["model"], config), config, framework, run_record
     if framework == "flax":
         from flax.serialization import msgpack_restore
 
         state = msgpack_restore(checkpoint.payload)
         variables = {"params": state["params"], "batch_stats": state["batch_stats"]}
-        return flax_to_canonical(variables, config), config, framework
+        return flax_to_canonical(variables, config), config, framework, run_record
     raise PortingError(f"load {path}", unexpected=[f"framework {framework!r}, expected 'torch' or 'flax'"])
 
 
@@ -75,5 +77,5 @@ class EvaluationWeights:
 def load_for_evaluation(checkpoint: str | Path) -> EvaluationWeights:
     """A checkpoint file, or a run directory's weights, with the settings its run evaluated at."""
     path = resolve_checkpoint(checkpoint)
-    tensors, config, origin = load_any_checkpoint(path)
-    return EvaluationWeights(path, tensors, config, origin, *evaluation_settings(path, config))
+    tensors, config, origin, run_record = load_any_checkpoint(path)
+    return EvaluationWeights(path, tensors, config, origin, *evaluation_settings(run_record, config, path))

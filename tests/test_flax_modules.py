@@ -11,17 +11,11 @@ from expert_core.portable import canonical_shapes, flax_to_canonical
 from flax_expert import model as flax_model
 from flax_expert.model import BatchNorm, ExpertCNN, batch_chunk, init_variables, to_model_input
 
+from model_configs import SHAPE_CONFIGS
+
 MIXED = ModelConfig(stem_channels=6, blocks=(BlockConfig(6, pool=False, residual=True), BlockConfig(10)),
                     num_experts=3, reduction=2, classifier_hidden=12, temperature=1.5)
-CONFIGS = {
-    "1-block-K1-k1": ModelConfig(stem_channels=4, blocks=(BlockConfig(8),), num_experts=1, kernel_size=1),
-    "2-blocks-residual-k5": ModelConfig(stem_channels=4, blocks=(BlockConfig(4, pool=False, residual=True),
-                                                                 BlockConfig(8)), num_experts=2, kernel_size=5),
-    "3-blocks-hidden": ModelConfig(stem_channels=4, blocks=(BlockConfig(6), BlockConfig(6, pool=False),
-                                                            BlockConfig(8)), num_experts=4, classifier_hidden=16,
-                                   dropout=0.2, num_classes=7),
-    "mixed": MIXED,
-}
+CONFIGS = {**SHAPE_CONFIGS, "mixed": MIXED}
 
 
 def inputs(n=6, size=16, seed=1):

@@ -12,6 +12,8 @@ from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConf
 from torch_reference import model as torch_model
 from torch_reference.model import ExpertCNN, to_model_input
 
+from model_configs import SHAPE_CONFIGS
+
 # Wide enough to exercise every option, small enough to run in milliseconds on 8x8 images.
 MIXED = ModelConfig(stem_channels=6, blocks=(BlockConfig(6, pool=False, residual=True), BlockConfig(10)),
                     num_experts=3, reduction=2, classifier_hidden=12, dropout=0.5)
@@ -30,14 +32,7 @@ def max_relative_difference(a: torch.Tensor, b: torch.Tensor) -> float:
     return ((a - b).abs().max() / a.abs().max().clamp_min(1e-30)).item()
 
 
-@pytest.mark.parametrize("config", [
-    ModelConfig(stem_channels=4, blocks=(BlockConfig(8),), num_experts=1, kernel_size=1),
-    ModelConfig(stem_channels=4, blocks=(BlockConfig(4, pool=False, residual=True), BlockConfig(8)),
-                num_experts=2, kernel_size=5),
-    ModelConfig(stem_channels=4, blocks=(BlockConfig(6), BlockConfig(6, pool=False), BlockConfig(8)),
-                num_experts=4, classifier_hidden=16, dropout=0.2, num_classes=7),
-    MIXED,
-], ids=["1-block-K1-k1", "2-blocks-residual-k5", "3-blocks-hidden", "mixed"])
+@pytest.mark.parametrize("config", [*SHAPE_CONFIGS.values(), MIXED], ids=[*SHAPE_CONFIGS, "mixed"])
 @pytest.mark.parametrize("merge", MERGE_MODES)
 def test_output_and_attention_shapes(config, merge):
     logits, attention = make_model(config, merge)(make_input(n=5), return_attention=True)

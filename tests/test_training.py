@@ -14,7 +14,7 @@ from expert_core.portable import PortingError, load_portable
 from expert_core.report import evaluation_settings
 from expert_core.dirac import dirac_expert_kernels
 from expert_core.training import (OFFICIAL_PIXELS, RunSpec, TrainingError, _differences, _warn_if_the_pixels_changed,
-                                  build_parser, initialise_from_data, main, recorded_spec, run, subset_index)
+                                  build_parser, initialise_from_data, main, recorded_spec, run, run_spec, subset_index)
 from expert_core.whitening import PATCH_IMAGES, whitening_stem_kernel
 
 SHORT = ["--preset", "tiny", "--max-train-examples", "256", "--max-test-examples", "200", "--batch-size", "32"]
@@ -86,11 +86,12 @@ def test_final_evaluation_adds_the_translated_views_and_the_weights_remember_the
     saved = np.load(tmp_path / "evaluation.npz")
     assert summary["test_accuracy"] == 100 * (saved["logits"].argmax(1) == saved["labels"]).mean()
     assert summary["last_epoch_test_accuracy"] == runfiles.read_metrics(tmp_path)[-1]["test_accuracy"]
-    temperature, remembered = evaluation_settings(tmp_path / "weights.safetensors", tiny.model)
+    weights_path = tmp_path / "weights.safetensors"
+    temperature, remembered = evaluation_settings(load_portable(weights_path)[2], tiny.model, weights_path)
     assert remembered == recipe
     test_index = subset_index(len(cifar10.test_labels), summary["test_examples"])
     np.testing.assert_array_equal(saved["labels"], cifar10.test_labels[test_index])
-    backend = backend_factory("flax").from_canonical(load_portable(tmp_path / "weights.safetensors")[0],
+    backend = backend_factory("flax").from_canonical(load_portable(weights_path)[0],
                                                      tiny.model, recipe)
     views = {translate: backend.predict(cifar10.test_images[test_index], temperature, translate).logits
              for translate in (0, 1)}
@@ -106,6 +107,15 @@ def test_a_checkpoint_from_before_the_test_subset_was_recorded_resumes(tmp_path)
     del first.header["run"]["max_test_examples"]
     checkpoints.write_checkpoint(tmp_path, 1, first.header, first.payload)
     assert train("torch", tmp_path, "--epochs", "2", "--resume")["epochs"] == 2
+
+
+def test_a_cap_at_or_above_the_data_is_no_cap_so_resuming_without_it_matches():
+    def spec(*flags):
+        return run_spec(build_parser("torch").parse_args(["--preset", "tiny", *flags]), 50000, 10000)
+
+    assert spec("--max-train-examples", "50000", "--max-test-examples", "20000") == spec()
+    capped = spec("--max-train-examples", "49999", "--max-test-examples", "9999")
+    assert (capped.max_train_examples, capped.max_test_examples) == (49999, 9999)
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
