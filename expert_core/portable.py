@@ -45,6 +45,15 @@ class PortingError(ValueError):
         super().__init__("\n".join(lines))
 
 
+class UnreadableWeightsError(PortingError):
+    """A weights file that cannot be read as such (damaged, or another format): no config to check."""
+
+    def __init__(self, where: str, found: str, expected: str = f"a {FORMAT} file of version {FORMAT_VERSION}"):
+        self.missing, self.unexpected, self.wrong_shape = [], [], []
+        ValueError.__init__(self, f"{where}: expected {expected}, found {found}. Use an undamaged copy, or the "
+                                  "version of this library that wrote it.")
+
+
 def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
     """Every canonical tensor of a model with this config, and its shape."""
     k, experts = config.kernel_size, config.num_experts
@@ -199,18 +208,16 @@ def load_portable(path) -> tuple[dict[str, np.ndarray], ModelConfig, dict]:
             metadata = f.metadata() or {}
             tensors = {key: _scalar_fix(key, f.get_tensor(key)) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as error:
-        raise PortingError(where, unexpected=[f"unreadable file: {error}"]) from error
+        raise UnreadableWeightsError(where, f"an unreadable file ({error})") from error
     if metadata.get("format") != FORMAT or metadata.get("format_version") != str(FORMAT_VERSION):
-        raise PortingError(where, unexpected=[f"metadata format {metadata.get('format')!r} version "
-                                              f"{metadata.get('format_version')!r}, expected {FORMAT!r} "
-                                              f"version {FORMAT_VERSION}"])
+        raise UnreadableWeightsError(where, f"format {metadata.get('format')!r} version "
+                                            f"{metadata.get('format_version')!r}")
     if metadata.get("tensors_sha256") != tensors_checksum(tensors):
-        raise PortingError(where, unexpected=["tensor data that does not match the file's checksum: "
-                                              "the file is damaged; use another copy"])
+        raise UnreadableWeightsError(where, "tensor data that does not match the file's checksum (damaged)")
     try:
         config = model_config_from_dict(json.loads(metadata["model_config"]))
         extra = json.loads(metadata.get("extra", "{}"))
     except (KeyError, TypeError, ValueError) as error:
-        raise PortingError(where, unexpected=[f"unreadable model config in the metadata: {error!r}"]) from error
+        raise UnreadableWeightsError(where, f"a model config this code cannot read ({error!r})") from error
     check_canonical(tensors, config, where)
     return tensors, config, extra

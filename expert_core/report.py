@@ -377,8 +377,9 @@ def _as_32x32(image, notes: list[str]) -> tuple[np.ndarray, list[str]]:
     return np.asarray(image, np.uint8), notes
 
 
-def resolve_checkpoint(path) -> Path:
-    """A checkpoint file as given; a run directory means its portable weights, else its newest checkpoint."""
+def resolve_checkpoint(path) -> Path | checkpoints.Checkpoint:
+    """A checkpoint file as given; a run directory means its portable weights, else its newest checkpoint,
+    which comes back already read (finding the newest undamaged one reads it)."""
     path = Path(path)
     if not path.is_dir():
         return path
@@ -388,7 +389,7 @@ def resolve_checkpoint(path) -> Path:
     if latest is None:
         raise ReportError(f"{path}: expected {PORTABLE_WEIGHTS} or a checkpoint-NNNNN.ckpt in this run directory, "
                           "found neither; pass a checkpoint file.")
-    return latest.path
+    return latest
 
 
 def evaluation_settings(run_record: dict, config: ModelConfig, path: Path) -> tuple[float, TrainConfig]:

@@ -19,7 +19,7 @@ from typing import Callable, Protocol
 
 import numpy as np
 
-from data import DataError, load_cifar10
+from data import Cifar10, DataError, load_cifar10
 from data.cifar10 import SOURCE_KINDS
 from expert_core import checkpoints, plots, portable, runfiles, schedules
 from expert_core.config import (MERGE_MODES, OPTIMIZERS, PRECISIONS, PRESETS, ModelConfig, TrainConfig, get_preset,
@@ -171,7 +171,7 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
     if backend.is_main_process:  # the only writer; the other processes read the directory on --resume only
         prepare_run_dir(run_dir, args.resume, args.overwrite)
     # --overwrite emptied it: nothing to resume, and no process reads a directory being deleted.
-    history = resume_state(run_dir, spec, backend, dataset.source) if args.resume and not args.overwrite else []
+    history = resume_state(run_dir, spec, backend, dataset) if args.resume and not args.overwrite else []
     if not history:
         initialise_from_data(backend, spec.train, spec.model, train_x)
     eval_every = get_preset(args.preset).eval_every_epochs if args.eval_every is None else args.eval_every
@@ -284,13 +284,15 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
     return run_dir
 
 
-def resume_state(run_dir: Path, spec: RunSpec, backend: Backend, data_source: str) -> list[dict]:
+def resume_state(run_dir: Path, spec: RunSpec, backend: Backend, dataset: Cifar10) -> list[dict]:
     checkpoint = checkpoints.latest_checkpoint(run_dir)
     if checkpoint is None:  # killed before the first epoch ended: there is nothing to lose
         print(f"--resume: no usable checkpoint in {run_dir}; starting from the beginning", flush=True)
         return []
     recorded = recorded_spec(checkpoint.header["run"])
     recorded.setdefault("max_test_examples", spec.max_test_examples)  # unrecorded before 2026-12-06
+    for key, images in (("max_train_examples", dataset.train_labels), ("max_test_examples", dataset.test_labels)):
+        recorded[key] = effective_cap(recorded[key], len(images))  # recorded as given before 2026-12-06
     differences = _differences(recorded, spec.as_dict())
     if differences:
         raise TrainingError(f"--resume: {checkpoint.path} was written by a different run; differing "
@@ -299,7 +301,7 @@ def resume_state(run_dir: Path, spec: RunSpec, backend: Backend, data_source: st
     if checkpoint.header["framework"] != backend.framework:
         raise TrainingError(f"--resume: {checkpoint.path} is a {checkpoint.header['framework']} checkpoint, "
                             f"this is {backend.framework}; use the matching train script.")
-    _warn_if_the_pixels_changed(checkpoint.header.get("data_source"), data_source)
+    _warn_if_the_pixels_changed(checkpoint.header.get("data_source"), dataset.source)
     backend.load_state_bytes(checkpoint.payload)
     history = checkpoint.header["history"]
     if backend.is_main_process:
@@ -449,7 +451,7 @@ def write_final_files(context: RunContext, history: list[dict], predictions: Pre
                                    f"mean expert attention per class · {title}")
     portable.save_portable(run_dir / PORTABLE_WEIGHTS, backend.canonical_weights(), spec.model,
                            {"framework": backend.framework, "preset": spec.preset, "epochs": len(history),
-                            "train": to_dict(spec.train)})
+                            "train": to_dict(spec.train), "max_test_examples": spec.max_test_examples})
     runfiles.write_evaluation(run_dir, {"logits": predictions.logits, "labels": test_y,
                                         "test_index": context.test_index,
                                         **{f"attention_{b}": a for b, a in enumerate(predictions.attention)}})

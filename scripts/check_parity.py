@@ -39,6 +39,9 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args(argv)
     refuse_counts_below_one(parser, args, ("images", "steps", "batch_size"))
+    if args.batch_size > args.images:  # the batches are drawn from these images without replacement
+        parser.error(f"expected --batch-size of at most the {args.images} test images compared on, found "
+                     f"{args.batch_size}; lower --batch-size or raise --images.")
 
     try:
         if args.checkpoint:
@@ -54,9 +57,6 @@ def main(argv=None) -> int:
         print(f"error: {error}", file=sys.stderr)
         return 1
     images, labels = dataset.test_images[:args.images], dataset.test_labels[:args.images]
-    if args.batch_size > len(images):  # the batches are drawn from these images without replacement
-        parser.error(f"expected --batch-size of at most the {len(images)} test images compared on, found "
-                     f"{args.batch_size}; lower --batch-size or raise --images.")
     print(f"parity on {len(images)} CIFAR-10 test images; weights: {source}", flush=True)
     start = time.perf_counter()
     rows = run_all(config, recipe, images, labels, state_dict, steps=args.steps,

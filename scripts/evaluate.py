@@ -6,7 +6,8 @@
 Loads a training checkpoint of either framework, a portable .safetensors file or a run directory
 (its weights.safetensors, else its newest checkpoint), ports the
 weights, and prints test accuracy and the number of correct images for each framework asked for,
-evaluating as the run did (its final attention temperature and test-time views).
+evaluating as the run did (its final attention temperature, test-time views and test images), in
+float32 whatever precision the run trained in.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import sys
 import numpy as np
 
 from data import DataError, load_cifar10
+from expert_core.flags import refuse_counts_below_one
 from expert_core.report import LOAD_ERRORS
 from expert_core.training import subset_index
 from flax_expert.train import FlaxBackend
@@ -45,18 +47,18 @@ def main(argv=None) -> int:
     parser.add_argument("--framework", choices=("torch", "flax", "both"), default="both")
     parser.add_argument("--data", help="CIFAR-10 location (default: CIFAR10_PATH)")
     parser.add_argument("--max-test-examples", type=int, help="the fixed random N test images a training run's "
-                        "--max-test-examples N evaluates (default: all)")
+                        "--max-test-examples N evaluates (default: the run's own, all for a run without one)")
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args(argv)
-    if args.max_test_examples is not None and args.max_test_examples < 1:
-        parser.error(f"--max-test-examples: expected at least 1 image, found {args.max_test_examples}")
+    refuse_counts_below_one(parser, args, ("max_test_examples",))
     try:
         weights = load_for_evaluation(args.checkpoint)  # evaluated as the run's own final evaluation was
         dataset = load_cifar10(args.data)
     except (*LOAD_ERRORS, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    index = subset_index(len(dataset.test_labels), args.max_test_examples)
+    cap = weights.max_test_examples if args.max_test_examples is None else args.max_test_examples
+    index = subset_index(len(dataset.test_labels), cap)
     images, labels = dataset.test_images[index], dataset.test_labels[index]
     frameworks = ("torch", "flax") if args.framework == "both" else (args.framework,)
     results, predictions = {"checkpoint": args.checkpoint, "written_by": weights.origin}, {}

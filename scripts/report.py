@@ -15,6 +15,7 @@ import sys
 from pathlib import Path
 
 from data.cifar10 import SOURCE_KINDS
+from expert_core.flags import refuse_counts_below_one
 from expert_core.report import GRID_SIZE, ReportError, build_report
 
 
@@ -27,8 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data-source", choices=SOURCE_KINDS)
     parser.add_argument("--grid-size", type=int, default=GRID_SIZE, help="mistakes shown per run")
     args = parser.parse_args(argv)
-    if args.grid_size < 1:
-        parser.error(f"--grid-size: expected at least 1 image, found {args.grid_size}")
+    refuse_counts_below_one(parser, args, ("grid_size",))
     out = Path(args.out) if args.out else default_out(args.runs)
     dataset, problem = load_test_images(args.data, args.data_source)
     try:

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from expert_core import runfiles
+from expert_core import checkpoints, runfiles
 from expert_core.config import CLASS_NAMES
 from expert_core.portable import load_portable, save_portable
 from expert_core.report import Run, evaluated_images, probabilities, worst_mistakes
@@ -278,8 +278,7 @@ def test_predict_unusable_checkpoint_is_one_clear_error(tmp_path, image_files, c
 @pytest.mark.parametrize("framework", ["flax", "torch"])
 def test_evaluate_scores_a_run_alike_in_both_frameworks_as_the_run_did(runs, framework, tmp_path):
     out = tmp_path / "evaluate.json"
-    assert evaluate_cli.main(["--checkpoint", str(runs[framework]), "--max-test-examples", "200",
-                              "--json", str(out)]) == 0
+    assert evaluate_cli.main(["--checkpoint", str(runs[framework]), "--json", str(out)]) == 0  # its 200 images
     result = json.loads(out.read_text())
     assert result["written_by"] == "portable" and result["predictions_differing"] == 0
     evaluation = runfiles.read_evaluation(runs[framework])  # the run's own evaluation of the same 200 images
@@ -294,6 +293,29 @@ def test_evaluate_unusable_checkpoint_is_one_clear_error(tmp_path, capsys):
     assert "not an expert-cnn checkpoint" in capsys.readouterr().err
     assert evaluate_cli.main(["--checkpoint", str(tmp_path)]) == 1
     assert "found neither" in capsys.readouterr().err
+
+
+def test_a_run_directory_without_portable_weights_gives_its_newest_checkpoint_read_once(runs, tmp_path,
+                                                                                       monkeypatch):
+    from parity.convert import load_for_evaluation
+
+    run_dir = shutil.copytree(runs["flax"], tmp_path / "run")
+    (run_dir / "weights.safetensors").unlink()
+    reads, read = [], checkpoints.read_checkpoint
+    monkeypatch.setattr(checkpoints, "read_checkpoint", lambda path: reads.append(path) or read(path))
+    weights = load_for_evaluation(run_dir)
+    assert reads == [run_dir / "checkpoint-00002.ckpt"] == [weights.path]
+    assert (weights.origin, weights.max_test_examples) == ("flax", 200)
+
+
+def test_evaluate_a_checkpoint_whose_model_is_from_another_version_is_one_clear_error(runs, tmp_path, capsys):
+    checkpoint = checkpoints.latest_checkpoint(runs["torch"])
+    run = checkpoint.header["run"]
+    newer = {**checkpoint.header, "run": {**run, "model": {**run["model"], "expert_groups": 2}}}
+    path = checkpoints.write_checkpoint(tmp_path, 1, newer, checkpoint.payload)
+    assert evaluate_cli.main(["--checkpoint", str(path)]) == 1
+    assert f"{path}: expected a model config with the fields of expert_core.config.ModelConfig, found one this " \
+           "code cannot read" in capsys.readouterr().err
 
 
 def test_evaluate_a_recipe_from_another_version_is_one_clear_error(runs, tmp_path, capsys):

@@ -235,7 +235,7 @@ def test_test_time_views_are_the_weighted_shifted_predictions_in_both_frameworks
     np.testing.assert_allclose(logits["flax"], logits["torch"], rtol=1e-4, atol=1e-5)
 
 
-def test_check_parity_refuses_bad_counts_and_a_batch_larger_than_its_images(cifar10, capsys):
+def test_check_parity_refuses_bad_counts_and_a_batch_larger_than_its_images(capsys):
     check_parity = load_script("check_parity")
     with pytest.raises(SystemExit) as exit_info:
         check_parity.main(["--images", "0", "--steps", "-2"])

@@ -87,12 +87,12 @@ def test_final_evaluation_adds_the_translated_views_and_the_weights_remember_the
     assert summary["test_accuracy"] == 100 * (saved["logits"].argmax(1) == saved["labels"]).mean()
     assert summary["last_epoch_test_accuracy"] == runfiles.read_metrics(tmp_path)[-1]["test_accuracy"]
     weights_path = tmp_path / "weights.safetensors"
-    temperature, remembered = evaluation_settings(load_portable(weights_path)[2], tiny.model, weights_path)
+    tensors, _, run_record = load_portable(weights_path)
+    temperature, remembered = evaluation_settings(run_record, tiny.model, weights_path)
     assert remembered == recipe
     test_index = subset_index(len(cifar10.test_labels), summary["test_examples"])
     np.testing.assert_array_equal(saved["labels"], cifar10.test_labels[test_index])
-    backend = backend_factory("flax").from_canonical(load_portable(weights_path)[0],
-                                                     tiny.model, recipe)
+    backend = backend_factory("flax").from_canonical(tensors, tiny.model, recipe)
     views = {translate: backend.predict(cifar10.test_images[test_index], temperature, translate).logits
              for translate in (0, 1)}
     np.testing.assert_allclose(saved["logits"], views[1], rtol=1e-5, atol=1e-5)
@@ -107,6 +107,17 @@ def test_a_checkpoint_from_before_the_test_subset_was_recorded_resumes(tmp_path)
     del first.header["run"]["max_test_examples"]
     checkpoints.write_checkpoint(tmp_path, 1, first.header, first.payload)
     assert train("torch", tmp_path, "--epochs", "2", "--resume")["epochs"] == 2
+
+
+def test_a_checkpoint_that_recorded_a_cap_above_the_data_as_given_resumes(tmp_path):
+    whole_test_set = ("--epochs", "2", "--max-test-examples", "10000")
+    train("torch", tmp_path, *whole_test_set)
+    (tmp_path / "checkpoint-00002.ckpt").unlink()  # as if killed during epoch 2
+    first = checkpoints.read_checkpoint(tmp_path / "checkpoint-00001.ckpt")
+    assert first.header["run"]["max_test_examples"] is None
+    first.header["run"]["max_test_examples"] = 10000  # as written before a cap was recorded as it acts
+    checkpoints.write_checkpoint(tmp_path, 1, first.header, first.payload)
+    assert train("torch", tmp_path, *whole_test_set, "--resume")["test_examples"] == 10000
 
 
 def test_a_cap_at_or_above_the_data_is_no_cap_so_resuming_without_it_matches():
