@@ -258,7 +258,7 @@ def epoch_line(row: dict, epochs: int) -> str:
 
 def subset(images, labels, limit: int | None):
     """A fixed random `limit` of the images (all when None): sources may be sorted by class."""
-    if limit is None or limit >= len(images):
+    if effective_cap(limit, len(images)) is None:
         return images, labels  # no copy of the full training set
     index = subset_index(len(images), limit)
     return images[index], labels[index]
@@ -266,7 +266,7 @@ def subset(images, labels, limit: int | None):
 
 def subset_index(n: int, limit: int | None) -> np.ndarray:
     """The sorted indices `subset` keeps of n images; reports use them to find the evaluated test images."""
-    if limit is None or limit >= n:
+    if effective_cap(limit, n) is None:
         return np.arange(n)
     return np.sort(np.random.default_rng(20261124).permutation(n)[:limit])
 
