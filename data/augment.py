@@ -83,7 +83,7 @@ def _crop_and_flip(images, params: AugmentParams, padding: int, xp):
     return _gather(images, rows, cols, valid, xp)
 
 
-def _grayscale(x, xp):
+def _grayscale(x):
     return (_LUMA[0] * x[..., 0] + _LUMA[1] * x[..., 1] + _LUMA[2] * x[..., 2])[..., None]
 
 
@@ -93,8 +93,8 @@ def _blend(x, other, factor, xp):
 
 def _colour_jitter(x, params: AugmentParams, xp):
     x = xp.clip(x * params.brightness.reshape(-1, 1, 1, 1), 0, 255)
-    x = _blend(x, xp.mean(_grayscale(x, xp), axis=(1, 2, 3), keepdims=True), params.contrast, xp)
-    return _blend(x, _grayscale(x, xp), params.saturation, xp)
+    x = _blend(x, xp.mean(_grayscale(x), axis=(1, 2, 3), keepdims=True), params.contrast, xp)
+    return _blend(x, _grayscale(x), params.saturation, xp)
 
 
 def _rotate(images, angle, xp):

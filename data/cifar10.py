@@ -6,7 +6,8 @@ Choosing the source, first match wins:
    and CIFAR10_SOURCE (`tarball`, `batches`, `imagefolder` or `tfds`);
 3. the first of `cifar-10-python.tar.gz`, `cifar-10-batches-py/`, `cifar10-jpeg/` that exists in
    the data root (CIFAR10_ROOT, default ~/.cache/expert_cnn/data);
-4. with `download=True`, the official archive fetched into the data root.
+4. with `download=True`, the official archive fetched into the data root (unless another source was
+   asked for).
 
 The cache (EXPERT_CNN_CACHE, default ~/.cache/expert_cnn) is keyed by the source and stamped with
 a fingerprint of it and a checksum of its own arrays: a stale or damaged cache is rebuilt, never trusted.
@@ -29,6 +30,8 @@ from data import sources
 from data.errors import DataError
 
 SOURCE_KINDS = ("tarball", "batches", "imagefolder", "tfds")
+# Sources that hold the official pixels; an image folder holds whatever it was written as (JPEG here).
+OFFICIAL_PIXELS = ("tarball", "batches", "tfds")
 CACHE_FORMAT = 1
 _ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 
@@ -66,6 +69,13 @@ def load_cifar10(path: str | Path | None = None, source: str | None = None,
     return Cifar10(**arrays, class_names=CLASS_NAMES, source=f"{kind}:{location}")
 
 
+def pixel_origin(source: str) -> str:
+    """What a `Cifar10.source` ("kind:location") says of its pixels: "official", or its kind, whose
+    pixels may differ from the official ones."""
+    kind = source.split(":", 1)[0]
+    return "official" if kind in OFFICIAL_PIXELS else kind
+
+
 def resolve_source(path, source, download) -> tuple[str, Path | None]:
     # An explicit path argument outranks both environment variables; an empty variable counts as unset.
     source = source or (None if path else os.environ.get("CIFAR10_SOURCE")) or None
@@ -83,13 +93,16 @@ def resolve_source(path, source, download) -> tuple[str, Path | None]:
         return source or _detect_kind(path), path
     root = default_data_root()
     for name, kind in ((sources.TARBALL_NAME, "tarball"), (sources.BATCHES_DIR_NAME, "batches"),
-                       ("cifar10-jpeg", "imagefolder")):
+                       (sources.IMAGE_FOLDER_NAME, "imagefolder")):
         if (root / name).exists() and source in (None, kind):
             return kind, root / name
-    if download:
+    if download and source in (None, "tarball"):
         sources.download_tarball(root / sources.TARBALL_NAME)
         return "tarball", root / sources.TARBALL_NAME
-    raise DataError(root, f"{sources.TARBALL_NAME}, {sources.BATCHES_DIR_NAME}/ or cifar10-jpeg/",
+    if source is not None:
+        raise DataError(root, f"the {source!r} source asked for", "no copy of it",
+                        "Set CIFAR10_PATH to that copy; --download fetches the official archive, source 'tarball'.")
+    raise DataError(root, f"{sources.TARBALL_NAME}, {sources.BATCHES_DIR_NAME}/ or {sources.IMAGE_FOLDER_NAME}/",
                     "none of them", "Set CIFAR10_PATH to your copy, or allow the download (--download).")
 
 

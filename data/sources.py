@@ -23,6 +23,7 @@ TARBALL_NAME = "cifar-10-python.tar.gz"
 TARBALL_URL = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
 TARBALL_MD5 = "c58f30108f718f92721af3b95e74349a"
 BATCHES_DIR_NAME = "cifar-10-batches-py"
+IMAGE_FOLDER_NAME = "cifar10-jpeg"  # the JPEG copy in the ImageFolder layout, as its README names it
 BATCH_FILES = {
     "train": [f"data_batch_{i}" for i in range(1, 6)],
     "test": ["test_batch"],
@@ -190,7 +191,8 @@ def read_tfds() -> Splits:
     except ImportError as error:
         raise DataError("tensorflow-datasets:cifar10", "TensorFlow and tensorflow-datasets installed",
                         f"ImportError: {error}",
-                        "Run `pip install tensorflow-cpu`, or use another source (archive, pickles, image folder).") from error
+                        "Run `pip install tensorflow-cpu tensorflow-datasets`, or use another source (archive, "
+                        "pickles, image folder).") from error
     splits = {}
     for split in IMAGES_PER_CLASS:
         arrays = tfds.as_numpy(tfds.load("cifar10", split=split, batch_size=-1))

@@ -55,7 +55,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
     try:
         blob = path.read_bytes()
     except OSError as error:
-        raise CheckpointError(f"{path}: cannot read it ({error}).") from error
+        raise CheckpointError(f"{path}: expected a readable checkpoint, found {error}; fix its permissions, "
+                              "or move it away to resume from the checkpoint before it.") from error
     if not blob.startswith(MAGIC):
         raise CheckpointError(f"{path}: expected a file starting with {MAGIC!r}, found {blob[:24]!r}. "
                               "It is not an expert-cnn checkpoint of this format, or its start is damaged.")

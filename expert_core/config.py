@@ -33,7 +33,18 @@ def normalisation_table() -> np.ndarray:
     return ((values - np.asarray(CIFAR10_MEAN)) / np.asarray(CIFAR10_STD)).astype(np.float32)
 
 
+def check_raw_images(dtype, shape) -> None:
+    """Both models take the raw uint8 NHWC batch and normalise it themselves (normalisation_table);
+    a ValueError otherwise. `dtype` may be numpy's, JAX's or torch's."""
+    if str(dtype).rsplit(".", 1)[-1] != "uint8" or len(shape) != 4 or shape[-1] != 3:
+        raise ValueError(f"expected uint8 images of shape (N, H, W, 3), found {dtype} of shape {tuple(shape)}; "
+                         "pass the raw uint8 NHWC batch, not a normalised or NCHW one.")
+
+
 MERGE_MODES = ("branches", "stacked", "aggregated", "auto")
+# Aggregated does 1x instead of K x the conv FLOPs and, in Flax, turns XLA:CPU's slow convolutions
+# into patches @ kernel in cache-sized chunks; README "Speed" and results/benchmark/ have the figures.
+DEFAULT_MERGE = "auto"
 # "auto", the default on both sides, picks per block by the size of the images the block sees:
 # aggregated from AGGREGATE_MIN_PIXELS up, stacked below. An image's own kernel (9 C C' floats) is
 # built, used and differentiated whatever the image's size; on 4x4 images it outweighs the K-fold
@@ -97,7 +108,8 @@ class ModelConfig:
     classifier_hidden: int = 0  # 0: GAP -> Dense(10); >0: GAP -> Dense -> ReLU -> Dropout -> Dense
     dropout: float = 0.0
     num_classes: int = NUM_CLASSES
-    # PyTorch convention: new = (1 - m) * old + m * batch. Flax uses momentum = 1 - m.
+    # PyTorch's convention, new = (1 - m) * old + m * batch, on both sides: flax_expert.model.BatchNorm
+    # takes m as it is (Flax's own nn.BatchNorm would need 1 - m).
     bn_momentum: float = 0.1
     bn_eps: float = 1e-5
 

@@ -32,7 +32,12 @@ FORMAT_VERSION = 2  # 2: metadata carries `tensors_sha256`, so damaged tensor by
 UNUSED_IN_FLAX = "num_batches_tracked"
 
 
-class PortingError(ValueError):
+class WeightsError(ValueError):
+    """Weights this code cannot load: an unreadable file (UnreadableWeightsError), or weights that do not
+    fit the model (PortingError)."""
+
+
+class PortingError(WeightsError):
     """Weights that do not fit the model; lists every missing, unexpected and wrongly shaped entry."""
 
     def __init__(self, direction: str, missing=(), unexpected=(), wrong_shape=()):
@@ -45,13 +50,12 @@ class PortingError(ValueError):
         super().__init__("\n".join(lines))
 
 
-class UnreadableWeightsError(PortingError):
+class UnreadableWeightsError(WeightsError):
     """A weights file that cannot be read as such (damaged, or another format): no config to check."""
 
     def __init__(self, where: str, found: str, expected: str = f"a {FORMAT} file of version {FORMAT_VERSION}"):
-        self.missing, self.unexpected, self.wrong_shape = [], [], []
-        ValueError.__init__(self, f"{where}: expected {expected}, found {found}. Use an undamaged copy, or the "
-                                  "version of this library that wrote it.")
+        super().__init__(f"{where}: expected {expected}, found {found}. Use an undamaged copy, or the version of "
+                         "this library that wrote it.")
 
 
 def canonical_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:

@@ -27,8 +27,7 @@ import numpy as np
 from expert_core import checkpoints, plots, runfiles, schedules
 from expert_core.config import CLASS_NAMES, PRESETS, ModelConfig, TrainConfig, train_config_from_dict
 from expert_core.files import atomic_write_bytes
-from expert_core.portable import PortingError
-from expert_core.training import PORTABLE_WEIGHTS
+from expert_core.portable import WeightsError
 
 REPORT_FILE = "report.html"
 GRID_SIZE = 40
@@ -39,7 +38,7 @@ class ReportError(Exception):
 
 
 # What loading a user's checkpoint can fail with, each error saying what to do: scripts print these.
-LOAD_ERRORS = (ReportError, checkpoints.CheckpointError, PortingError)
+LOAD_ERRORS = (ReportError, checkpoints.CheckpointError, WeightsError)
 
 
 @dataclass
@@ -57,11 +56,14 @@ class Run:
 
 def load_runs(run_dirs) -> list[Run]:
     runs = [load_run(Path(d)) for d in run_dirs]
-    seen: dict[str, int] = {}
+    taken: set[str] = set()
     for run in runs:  # two runs named alike must not overwrite each other's PNGs
-        seen[run.slug] = seen.get(run.slug, 0) + 1
-        if seen[run.slug] > 1:
-            run.label, run.slug = f"{run.label} ({seen[run.slug]})", f"{run.slug}-{seen[run.slug]}"
+        label, slug, copy = run.label, run.slug, 1
+        while slug in taken:  # "a", "a", "a-2": the second "a" is "a-2", so the third becomes "a-2-2"
+            copy += 1
+            label, slug = f"{run.label} ({copy})", f"{run.slug}-{copy}"
+        run.label, run.slug = label, slug
+        taken.add(slug)
     return runs
 
 
@@ -71,7 +73,12 @@ def load_run(path: Path) -> Run:
         raise ReportError(f"{path}: expected a run directory written by scripts/train_flax.py or "
                           f"train_torch.py (with {runfiles.METRICS_FILE}), found {found}. Pass a run's --out "
                           "directory.")
-    history = runfiles.read_metrics(path)
+    try:
+        history = runfiles.read_metrics(path)
+    except (OSError, ValueError) as error:  # json's and UTF-8's decoding errors are ValueErrors
+        raise ReportError(f"{path / runfiles.METRICS_FILE}: expected one JSON object per line, found a damaged file "
+                          f"({type(error).__name__}: {error}); run the training again with --resume to rewrite "
+                          "it from the last checkpoint.") from error
     if not runfiles.evaluated_epochs(history):
         raise ReportError(f"{path / runfiles.METRICS_FILE}: expected at least one epoch followed by a test "
                           f"evaluation, found {len(history)} epochs and none evaluated; report on the run once "
@@ -89,9 +96,7 @@ def load_run(path: Path) -> Run:
 
 
 def probabilities(logits: np.ndarray) -> np.ndarray:
-    shifted = np.asarray(logits, np.float64) - np.max(logits, axis=-1, keepdims=True)
-    exp = np.exp(shifted)
-    return exp / exp.sum(-1, keepdims=True)
+    return np.exp(runfiles.log_softmax(logits))
 
 
 def worst_mistakes(logits: np.ndarray, labels: np.ndarray, count: int) -> np.ndarray:
@@ -201,18 +206,24 @@ def curves_section(runs: list[Run], out_dir: Path) -> str:
                     "the epoch); solid: the test images after the epoch.", _figure(name, "training curves"))
 
 
+def _percent(value: float) -> str:
+    return "n/a" if np.isnan(value) else f"{value:.1f} %"
+
+
 def accuracy_section(runs: list[Run], out_dir: Path) -> str:
     accuracies, figures = {}, []
     for run in runs:
         labels, predicted = run.evaluation["labels"], run.evaluation["logits"].argmax(1)
         matrix = runfiles.confusion_matrix(labels, predicted, len(CLASS_NAMES))
-        accuracies[run.label] = 100 * np.diag(matrix) / np.maximum(matrix.sum(1), 1)
+        images = matrix.sum(1)  # a class absent from a small test subset has no accuracy, not 0 %
+        accuracies[run.label] = np.divide(100 * np.diag(matrix), images, out=np.full(len(images), np.nan),
+                                          where=images > 0)
         name = f"{run.slug}-confusion.png"
         plots.plot_confusion_matrix(matrix, CLASS_NAMES, out_dir / name, f"confusion matrix · {run.label}")
         figures.append(_figure(name, f"confusion matrix of {run.label}"))
     plots.plot_per_class_accuracy(accuracies, CLASS_NAMES, out_dir / "per-class-accuracy.png")
     header = "".join(f"<th>{_e(label)}</th>" for label in accuracies)
-    body = "".join(f"<tr><th>{_e(c)}</th>{''.join(f'<td>{a[i]:.1f} %</td>' for a in accuracies.values())}</tr>"
+    body = "".join(f"<tr><th>{_e(c)}</th>{''.join(f'<td>{_percent(a[i])}</td>' for a in accuracies.values())}</tr>"
                    for i, c in enumerate(CLASS_NAMES))
     return _section("Accuracy per class and confusion", "On the test images of the last evaluation. "
                     "Confusion rows are the true class; colour is the fraction of that class, numbers are counts.",
@@ -383,12 +394,12 @@ def resolve_checkpoint(path) -> Path | checkpoints.Checkpoint:
     path = Path(path)
     if not path.is_dir():
         return path
-    if (path / PORTABLE_WEIGHTS).is_file():
-        return path / PORTABLE_WEIGHTS
+    if (path / runfiles.PORTABLE_WEIGHTS).is_file():
+        return path / runfiles.PORTABLE_WEIGHTS
     latest = checkpoints.latest_checkpoint(path)
     if latest is None:
-        raise ReportError(f"{path}: expected {PORTABLE_WEIGHTS} or a checkpoint-NNNNN.ckpt in this run directory, "
-                          "found neither; pass a checkpoint file.")
+        raise ReportError(f"{path}: expected {runfiles.PORTABLE_WEIGHTS} or a checkpoint-NNNNN.ckpt in this run "
+                          "directory, found neither; pass a checkpoint file.")
     return latest
 
 

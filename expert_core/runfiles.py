@@ -8,6 +8,8 @@
   test set (runs written before it existed lack it; they evaluated the whole test set unless
   `--max-test-examples` was given).
 - `curves.png`, `confusion_matrix.png`, `attention_per_class.png`.
+- `weights.safetensors`: the final weights in the canonical names (expert_core.portable), which
+  either framework loads; `checkpoint-NNNNN.ckpt` (expert_core.checkpoints): what --resume reads.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -26,6 +29,10 @@ from expert_core.files import atomic_write_bytes, atomic_writer
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
 EVALUATION_FILE = "evaluation.npz"
+CURVES_PLOT = "curves.png"
+CONFUSION_PLOT = "confusion_matrix.png"
+ATTENTION_PLOT = "attention_per_class.png"
+PORTABLE_WEIGHTS = "weights.safetensors"
 
 
 def write_metrics(run_dir: Path, history: list[dict]) -> None:
@@ -62,6 +69,13 @@ def read_evaluation(run_dir: Path) -> dict:
     return arrays
 
 
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Per row, in float64: the test loss and the report's confidences are read from it."""
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
 def attention_statistics(attention: list[np.ndarray]) -> dict:
     """Per block: mean attention per expert and mean attention entropy (nats), as plain lists."""
     usage, entropy = [], []
@@ -73,9 +87,13 @@ def attention_statistics(attention: list[np.ndarray]) -> dict:
 
 
 def attention_per_class(attention: list[np.ndarray], labels: np.ndarray, num_classes: int) -> np.ndarray:
-    """(blocks, classes, experts): the mean attention of each class's images in each block."""
-    return np.stack([np.stack([np.asarray(a)[labels == c].mean(0) for c in range(num_classes)])
-                     for a in attention])
+    """(blocks, classes, experts): the mean attention of each class's images in each block; NaN for a
+    class with no image among `labels` (a small --max-test-examples subset), which the plots leave blank."""
+    def class_mean(a: np.ndarray, c: int) -> np.ndarray:
+        members = a[labels == c]
+        return members.mean(0) if len(members) else np.full(a.shape[1], np.nan)
+
+    return np.stack([np.stack([class_mean(np.asarray(a), c) for c in range(num_classes)]) for a in attention])
 
 
 def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
@@ -87,14 +105,18 @@ def git_commit() -> str:
     """HEAD (with "-dirty" for uncommitted changes to tracked files); outside a git checkout (an
     exported copy, a container image) the EXPERT_CNN_GIT_COMMIT variable's value, else "unknown"."""
     fallback = os.environ.get("EXPERT_CNN_GIT_COMMIT", "unknown")
+    here = Path(__file__).resolve().parent
     try:
-        here = Path(__file__).resolve().parent
-        out = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
-                               capture_output=True, text=True, timeout=10).stdout.strip()
-        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else fallback
-    except OSError:
+        head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=10)
+        status = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=here,
+                                capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):  # no git, or a git that hangs (a stale lock on a network disk)
         return fallback
+    if head.returncode != 0:
+        return fallback
+    # A tree whose state git could not read is not claimed clean.
+    dirty = status.returncode != 0 or status.stdout.strip()
+    return head.stdout.strip() + ("-dirty" if dirty else "")
 
 
 def cpuinfo_values(field: str) -> list[str]:
@@ -121,4 +143,5 @@ def cpu_name() -> str:
 
 
 def command_line() -> str:
-    return " ".join([Path(sys.executable).name] + sys.argv)
+    """The command as typed, quoted so that it can be pasted back into a shell."""
+    return shlex.join([Path(sys.executable).name, *sys.argv])

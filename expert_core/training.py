@@ -20,7 +20,7 @@ from typing import Callable, Protocol
 import numpy as np
 
 from data import Cifar10, DataError, load_cifar10
-from data.cifar10 import SOURCE_KINDS
+from data.cifar10 import SOURCE_KINDS, pixel_origin
 from expert_core import checkpoints, plots, portable, runfiles, schedules
 from expert_core.config import (MERGE_MODES, OPTIMIZERS, PRECISIONS, PRESETS, ModelConfig, TrainConfig, get_preset,
                                 model_config_from_dict, to_dict, train_config_from_dict, with_overrides)
@@ -30,7 +30,6 @@ from expert_core.flags import counts_below_one
 from expert_core.whitening import PATCH_IMAGES, whitening_stem_kernel
 
 
-PORTABLE_WEIGHTS = "weights.safetensors"
 
 
 class TrainingError(Exception):
@@ -169,7 +168,8 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
                       merge=args.merge, device=args.device, precision=spec.precision, devices=args.devices)
     run_dir = Path(args.out or f"runs/{framework}-{args.preset}")
     if backend.is_main_process:  # the only writer; the other processes read the directory on --resume only
-        prepare_run_dir(run_dir, args.resume, args.overwrite)
+        with reporting_write_failures(run_dir, "the run directory"):
+            prepare_run_dir(run_dir, args.resume, args.overwrite)
     # --overwrite emptied it: nothing to resume, and no process reads a directory being deleted.
     history = resume_state(run_dir, spec, backend, dataset) if args.resume and not args.overwrite else []
     if not history:
@@ -271,7 +271,7 @@ def subset_index(n: int, limit: int | None) -> np.ndarray:
     return np.sort(np.random.default_rng(20261124).permutation(n)[:limit])
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
         raise TrainingError(f"{run_dir} is not empty; pass --resume to continue that run or --overwrite "
                             "to delete it and start again.")
@@ -281,7 +281,6 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> Path:
     if resume:
         for path in remove_abandoned_partials(run_dir):
             print(f"--resume: removed {path.name}, left half written by a killed run", flush=True)
-    return run_dir
 
 
 def resume_state(run_dir: Path, spec: RunSpec, backend: Backend, dataset: Cifar10) -> list[dict]:
@@ -292,7 +291,7 @@ def resume_state(run_dir: Path, spec: RunSpec, backend: Backend, dataset: Cifar1
     recorded = recorded_spec(checkpoint.header["run"])
     recorded.setdefault("max_test_examples", spec.max_test_examples)  # unrecorded before 2026-12-06
     for key, images in (("max_train_examples", dataset.train_labels), ("max_test_examples", dataset.test_labels)):
-        recorded[key] = effective_cap(recorded[key], len(images))  # recorded as given before 2026-12-06
+        recorded[key] = effective_cap(recorded.get(key), len(images))  # recorded as given before 2026-12-06
     differences = _differences(recorded, spec.as_dict())
     if differences:
         raise TrainingError(f"--resume: {checkpoint.path} was written by a different run; differing "
@@ -305,22 +304,15 @@ def resume_state(run_dir: Path, spec: RunSpec, backend: Backend, dataset: Cifar1
     backend.load_state_bytes(checkpoint.payload)
     history = checkpoint.header["history"]
     if backend.is_main_process:
-        runfiles.write_metrics(run_dir, history)
+        with reporting_write_failures(run_dir, runfiles.METRICS_FILE):
+            runfiles.write_metrics(run_dir, history)
         print(f"resumed from {checkpoint.path} after epoch {len(history)}", flush=True)
     return history
 
 
-# Sources that hold the official pixels; an image folder holds whatever it was written as (JPEG here).
-OFFICIAL_PIXELS = ("tarball", "batches", "tfds")
-
-
 def _warn_if_the_pixels_changed(recorded: str | None, now: str) -> None:
     # A warning, not a refusal: a copy moves with its user, so paths may differ; kinds can tell.
-    def pixels(source: str) -> str:
-        kind = source.split(":")[0]
-        return "official" if kind in OFFICIAL_PIXELS else kind
-
-    if recorded and pixels(recorded) != pixels(now):
+    if recorded and pixel_origin(recorded) != pixel_origin(now):
         warnings.warn(f"--resume: the checkpoint trained on {recorded}, this run reads {now}; the two may hold "
                       "different pixels (an image folder of JPEGs against the official archive), and then the "
                       "epochs from here on train and test on other images. Point --data at the first source, "
@@ -334,7 +326,7 @@ def recorded_spec(run: dict) -> dict:
     try:
         return {"precision": "float32", **run, "model": to_dict(model_config_from_dict(run["model"])),
                 "train": to_dict(train_config_from_dict(run["train"]))}
-    except (TypeError, ValueError):  # a field this code does not know: _differences names it
+    except (KeyError, TypeError, ValueError):  # a field this code does not know, or lacks: _differences names it
         return run
 
 
@@ -365,6 +357,14 @@ def epoch_order(seed: int, epoch: int, n: int) -> np.ndarray:
 def augment_rng(seed: int, step: int) -> np.random.Generator:
     """The augmentation randomness of one optimiser step, independent of everything before it."""
     return np.random.default_rng([seed, 1_000_003, step])
+
+
+def check_driver_step(own: int, asked: int) -> None:
+    """The step the driver passes keys the augmentation and dropout draws, the backend's own count the
+    learning rate; a RuntimeError if the two disagree."""
+    if asked != own:
+        raise RuntimeError(f"expected optimiser step {own}, the driver asked for {asked}; pass the backend's "
+                           "own step count (a resumed backend restores it).")
 
 
 def train_epoch(backend: Backend, spec: RunSpec, epoch: int, images, labels, steps_per_epoch: int) -> dict:
@@ -401,11 +401,9 @@ def train_epoch(backend: Backend, spec: RunSpec, epoch: int, images, labels, ste
 
 
 def evaluate(predictions: Predictions, labels: np.ndarray) -> dict:
-    logits = predictions.logits.astype(np.float64)
-    log_probs = logits - logits.max(1, keepdims=True)
-    log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+    log_probs = runfiles.log_softmax(predictions.logits)
     return {"test_loss": float(-log_probs[np.arange(len(labels)), labels].mean()),
-            "test_accuracy": float(100 * (logits.argmax(1) == labels).mean()),
+            "test_accuracy": float(100 * (predictions.logits.argmax(1) == labels).mean()),
             **runfiles.attention_statistics(predictions.attention)}
 
 
@@ -428,7 +426,11 @@ def save_epoch(context: RunContext, history: list[dict]) -> None:
     with reporting_write_failures(run_dir, f"the files of epoch {len(history)}"):
         checkpoints.write_checkpoint(run_dir, len(history), header, backend.state_bytes())
         runfiles.write_metrics(run_dir, history)
-        plots.plot_curves(history, run_dir / "curves.png", f"{backend.framework} · preset {spec.preset}")
+        plots.plot_curves(history, run_dir / runfiles.CURVES_PLOT, run_title(spec, backend))
+
+
+def run_title(spec: RunSpec, backend: Backend) -> str:
+    return f"{backend.framework} · preset {spec.preset}"
 
 
 def finish(context: RunContext, history: list[dict], predictions: Predictions, test_y) -> dict:
@@ -445,11 +447,11 @@ def write_final_files(context: RunContext, history: list[dict], predictions: Pre
     spec, backend, run_dir, class_names = context.spec, context.backend, context.run_dir, context.class_names
     per_class = runfiles.attention_per_class(predictions.attention, test_y, len(class_names))
     matrix = runfiles.confusion_matrix(test_y, predictions.logits.argmax(1), len(class_names))
-    title = f"{backend.framework} · preset {spec.preset}"
-    plots.plot_confusion_matrix(matrix, class_names, run_dir / "confusion_matrix.png", f"confusion matrix · {title}")
-    plots.plot_attention_per_class(per_class, class_names, run_dir / "attention_per_class.png",
+    title = run_title(spec, backend)
+    plots.plot_confusion_matrix(matrix, class_names, run_dir / runfiles.CONFUSION_PLOT, f"confusion matrix · {title}")
+    plots.plot_attention_per_class(per_class, class_names, run_dir / runfiles.ATTENTION_PLOT,
                                    f"mean expert attention per class · {title}")
-    portable.save_portable(run_dir / PORTABLE_WEIGHTS, backend.canonical_weights(), spec.model,
+    portable.save_portable(run_dir / runfiles.PORTABLE_WEIGHTS, backend.canonical_weights(), spec.model,
                            {"framework": backend.framework, "preset": spec.preset, "epochs": len(history),
                             "train": to_dict(spec.train), "max_test_examples": spec.max_test_examples})
     runfiles.write_evaluation(run_dir, {"logits": predictions.logits, "labels": test_y,

@@ -15,13 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from expert_core.config import (CPU_CHUNK_ELEMENTS, BlockConfig, ModelConfig, block_merge, check_merge,
-                                normalisation_table)
-
-# XLA:CPU convolutions are slow, above all their weight gradients; patches + one batched matmul per
-# sample, in cache-sized chunks, wins by far wherever "auto" aggregates (expert_core.config.block_merge).
-# README "Speed" and results/benchmark/ have the figures.
-DEFAULT_MERGE = "auto"
+from expert_core.config import (CPU_CHUNK_ELEMENTS, DEFAULT_MERGE, BlockConfig, ModelConfig, block_merge,
+                                check_merge, check_raw_images, normalisation_table)
 
 _NORMALISED = normalisation_table()
 
@@ -38,7 +33,9 @@ def dense_bias_init(fan_in: int):
 
 def to_model_input(images) -> jax.Array:
     """uint8 NHWC images -> float32 NHWC, ((x / 255) - mean) / std looked up per value."""
-    return jnp.asarray(_NORMALISED)[jnp.asarray(images), jnp.arange(3)]
+    images = jnp.asarray(images)
+    check_raw_images(images.dtype, images.shape)  # a float index would fail obscurely, an int one clamp silently
+    return jnp.asarray(_NORMALISED)[images, jnp.arange(3)]
 
 
 def batch_statistics(x):

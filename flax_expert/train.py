@@ -31,10 +31,10 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from data.augment import evaluation_views, translate_images
 from expert_core import portable, schedules
-from expert_core.config import EVAL_BATCH, AugmentConfig, ModelConfig, TrainConfig, parameter_dtype
-from expert_core.training import Predictions, TrainingError
+from expert_core.config import DEFAULT_MERGE, EVAL_BATCH, AugmentConfig, ModelConfig, TrainConfig, parameter_dtype
+from expert_core.training import Predictions, TrainingError, check_driver_step
 from flax_expert.augment import augment_batch
-from flax_expert.model import DEFAULT_MERGE, ExpertCNN, init_variables, to_model_input
+from flax_expert.model import ExpertCNN, init_variables, to_model_input
 
 
 class TrainState(train_state.TrainState):
@@ -111,10 +111,15 @@ def lookahead_start(variables, config: TrainConfig) -> dict | None:
 def create_train_state(model: ExpertCNN, config: TrainConfig, steps_per_epoch: int, key: jax.Array,
                        param_dtype=jnp.float32) -> TrainState:
     init_key, train_key = jax.random.split(key)
-    variables = init_variables(model, init_key)
-    variables = jax.tree.map(lambda v: v.astype(param_dtype), variables)
+    variables = jax.tree.map(lambda v: v.astype(param_dtype), init_variables(model, init_key))
+    return train_state_from_variables(model, variables, config, steps_per_epoch, train_key)
+
+
+def train_state_from_variables(model: ExpertCNN, variables, config: TrainConfig, steps_per_epoch: int,
+                               key: jax.Array) -> TrainState:
+    """A fresh optimiser over given weights; `key` seeds the step's dropout and nothing else."""
     state = TrainState.create(apply_fn=model.apply, params=variables["params"],
-                              batch_stats=variables["batch_stats"], key=train_key,
+                              batch_stats=variables["batch_stats"], key=key,
                               tx=create_optimizer(config, steps_per_epoch, norm_bias_paths(model.config)),
                               slow=lookahead_start(variables, config))
     # A Python 0 is weakly typed, the int32 step jit hands back is not: without this the second step recompiles.
@@ -252,9 +257,7 @@ class FlaxBackend:
                 "numpy": np.__version__}
 
     def train_step(self, images, labels, step, temperature):
-        if step != int(self.state.step):
-            raise RuntimeError(f"expected optimiser step {int(self.state.step)}, the driver asked for {step}; "
-                               "pass the backend's own step count (a resumed backend restores it).")
+        check_driver_step(int(self.state.step), step)
         self.state, metrics = augmented_train_step(self.state, self.shard(images), self.shard(labels),
                                                    temperature, self.config.augment, self.config.label_smoothing,
                                                    self.lookahead)

@@ -20,12 +20,7 @@ from expert_core.config import ModelConfig, TrainConfig, model_config_from_dict
 from expert_core.portable import (UnreadableWeightsError, canonical_to_flax, check_canonical, flax_to_canonical,
                                   load_portable)
 from expert_core.report import evaluation_settings, resolve_checkpoint
-
-
-def torch_to_canonical(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, np.ndarray]:
-    tensors = {key: value.detach().cpu().numpy().copy() for key, value in state_dict.items()}  # no aliasing
-    check_canonical(tensors, config, "PyTorch -> canonical")
-    return tensors
+from torch_reference.model import torch_to_canonical
 
 
 def canonical_to_torch(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict[str, torch.Tensor]:

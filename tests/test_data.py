@@ -219,6 +219,13 @@ def test_no_source_and_no_download_says_what_to_do(tmp_path, cache, monkeypatch)
         load_cifar10(cache_dir=cache)
 
 
+def test_download_with_another_source_asked_for_refuses_instead_of_fetching_the_archive(tmp_path, cache, monkeypatch):
+    monkeypatch.delenv("CIFAR10_PATH", raising=False)
+    monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "empty"))
+    with pytest.raises(DataError, match="'batches' source asked for, found no copy of it"):
+        load_cifar10(source="batches", cache_dir=cache, download=True)
+
+
 def test_tfds_without_tensorflow_says_how_to_install_it(cache, monkeypatch):
     pytest.importorskip("tensorflow_datasets")
     try:

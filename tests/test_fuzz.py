@@ -1,6 +1,6 @@
 """Every reader of the project meets damaged files: hypothesis mutates real files byte by byte.
 
-Each case must end in the project's own error (CheckpointError, PortingError, DataError), or, for
+Each case must end in the project's own error (CheckpointError, WeightsError, DataError), or, for
 the data cache, in a warning and a rebuild; or load something well formed. Never a crash from inside
 a library. Checkpoints, portable files and caches carry checksums, so for them a damaged file never
 loads as a different result; images and CIFAR-10 batch files carry none (JPEG, pickle), so a damaged
@@ -111,7 +111,7 @@ def test_damaged_portable_files_are_refused_or_load_unchanged(tmp_path_factory, 
         path.write_bytes(blob)
         try:
             tensors, config, _ = portable.load_portable(path)
-        except portable.PortingError:
+        except portable.WeightsError:
             return
         assert config == TINY
         assert all(np.array_equal(tensors[k], v) for k, v in portable_file["tensors"].items())

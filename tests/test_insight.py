@@ -3,6 +3,7 @@
 import json
 import re
 import shutil
+import warnings
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from PIL import Image
 from expert_core import checkpoints, runfiles
 from expert_core.config import CLASS_NAMES
 from expert_core.portable import load_portable, save_portable
-from expert_core.report import Run, evaluated_images, probabilities, worst_mistakes
+from expert_core.report import Run, evaluated_images, load_runs, probabilities, worst_mistakes
 from expert_core.training import build_parser, run
 from scripts_as_modules import load_script
 
@@ -167,6 +168,31 @@ def test_report_refuses_a_directory_that_is_not_a_run(tmp_path, capsys):
     assert report_cli.main([str(tmp_path), "--out", str(tmp_path / "out")]) == 1
     error = capsys.readouterr().err
     assert "expected a run directory" in error and "metrics.jsonl" in error
+
+
+def test_report_refuses_a_damaged_metrics_file_with_one_clear_error(runs, tmp_path, capsys):
+    run_dir = tmp_path / "damaged"
+    shutil.copytree(runs["flax"], run_dir)
+    (run_dir / runfiles.METRICS_FILE).write_bytes(b'{"epoch": 1, "train_lo')
+    assert report_cli.main([str(run_dir), "--out", str(tmp_path / "out")]) == 1
+    assert "metrics.jsonl: expected one JSON object per line, found a damaged file" in capsys.readouterr().err
+
+
+def test_runs_named_alike_never_share_a_figure_name(runs, tmp_path):
+    copies = [tmp_path / "x" / "a", tmp_path / "y" / "a", tmp_path / "z" / "a-2"]
+    for copy in copies:
+        shutil.copytree(runs["flax"], copy)
+    assert [run.slug for run in load_runs(copies)] == ["a", "a-2", "a-2-2"]
+
+
+def test_a_class_missing_from_the_test_subset_has_no_mean_attention_rather_than_a_warning():
+    attention = [np.array([[0.25, 0.75], [0.5, 0.5], [1.0, 0.0]])]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        per_class = runfiles.attention_per_class(attention, np.array([0, 0, 2]), 3)
+    np.testing.assert_array_equal(per_class[0, 0], [0.375, 0.625])
+    assert np.isnan(per_class[0, 1]).all()
+    np.testing.assert_array_equal(per_class[0, 2], [1.0, 0.0])
 
 
 def test_worst_mistakes_most_confident_wrong_answer_first():

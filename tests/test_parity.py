@@ -11,14 +11,15 @@ from hypothesis import strategies as st
 
 from data.augment import translate_images
 from expert_core.config import LR_SCHEDULES, OPTIMIZERS, BlockConfig, ModelConfig, TrainConfig, get_preset
-from expert_core.portable import PortingError, canonical_shapes, load_portable, save_portable
+from expert_core.portable import (UNUSED_IN_FLAX, PortingError, UnreadableWeightsError, canonical_shapes, load_portable,
+                                  save_portable)
 from flax_expert.model import ExpertCNN as FlaxExpertCNN
 from flax_expert.model import init_variables
 from flax_expert.model import to_model_input as flax_to_model_input
 from flax_expert.train import FlaxBackend
 from parity.checks import (GRADIENT_TOLERANCE, Pair, eval_checks, gradient_checks, optimizer_checks, parity_batches,
                            run_all, train_mode_checks, trajectory_checks)
-from parity.convert import (canonical_to_torch, port_flax_to_torch, port_torch_to_flax, torch_to_canonical)
+from parity.convert import canonical_to_torch, port_flax_to_torch, port_torch_to_flax, torch_to_canonical
 from scripts_as_modules import load_script
 from torch_reference.model import ExpertCNN as TorchExpertCNN
 from torch_reference.model import to_model_input as torch_to_model_input
@@ -48,11 +49,19 @@ def test_both_frameworks_feed_bit_identical_inputs():
     np.testing.assert_array_equal(from_torch, jax.jit(flax_to_model_input)(images))
 
 
+@pytest.mark.parametrize("to_model_input", [torch_to_model_input, flax_to_model_input], ids=["torch", "flax"])
+@pytest.mark.parametrize("images", [np.zeros((2, 32, 32, 3), np.float32), np.zeros((2, 32, 32, 3), np.int32),
+                                    np.zeros((2, 3, 32, 32), np.uint8)], ids=["float", "int32", "nchw"])
+def test_both_frameworks_refuse_anything_but_raw_uint8_nhwc_alike(to_model_input, images):
+    with pytest.raises(ValueError, match=r"expected uint8 images of shape \(N, H, W, 3\), found .*raw uint8 NHWC"):
+        to_model_input(images)
+
+
 def test_round_trips_are_bit_exact():
     state = TorchExpertCNN(SMALL).state_dict()
     back = port_flax_to_torch(port_torch_to_flax(state, SMALL), SMALL)
     for key, value in state.items():
-        if not key.endswith("num_batches_tracked"):  # unused with a set momentum; Flax has no counter
+        if not key.endswith(UNUSED_IN_FLAX):  # unused with a set momentum; Flax has no counter
             assert torch.equal(back[key], value), key
     variables = flax_variables(SMALL)
     again = port_torch_to_flax(port_flax_to_torch(variables, SMALL), SMALL)
@@ -115,7 +124,7 @@ def test_portable_file_is_written_and_read_by_both_sides(tmp_path):
     reloaded = TorchExpertCNN(config)
     reloaded.load_state_dict(canonical_to_torch(again, config))
     for key, value in torch_net.state_dict().items():
-        if not key.endswith("num_batches_tracked"):
+        if not key.endswith(UNUSED_IN_FLAX):
             assert torch.equal(reloaded.state_dict()[key], value), key
 
 
@@ -123,7 +132,7 @@ def test_portable_file_with_another_config_is_refused(tmp_path):
     path = tmp_path / "w.safetensors"
     save_portable(path, torch_to_canonical(TorchExpertCNN(SMALL).state_dict(), SMALL), SMALL)
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(PortingError, match="junk.safetensors"):
+    with pytest.raises(UnreadableWeightsError, match="junk.safetensors"):
         load_portable(tmp_path / "junk.safetensors")
     tensors, _, _ = load_portable(path)
     with pytest.raises(PortingError, match="wrong shape"):

@@ -220,13 +220,6 @@ def test_model_input_is_normalised_nchw_float32(as_tensor):
     assert torch.equal(x, torch.from_numpy(expected).permute(0, 3, 1, 2))
 
 
-def test_model_input_rejects_anything_but_uint8_nhwc():
-    with pytest.raises(ValueError, match="uint8"):
-        to_model_input(np.zeros((2, 32, 32, 3), np.float32))
-    with pytest.raises(ValueError, match=r"\(N, H, W, 3\)"):
-        to_model_input(np.zeros((2, 3, 32, 32), np.uint8))
-
-
 def test_bfloat16_runs_the_convolutions_alone_in_bfloat16():
     """As Flax does (expert_core.config.PRECISIONS): BatchNorm, the expert branch and the classifier
     compute in float32, where torch.autocast would run the linear layers in bfloat16."""

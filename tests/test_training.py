@@ -7,13 +7,13 @@ import warnings
 import numpy as np
 import pytest
 
-from data.cifar10 import SOURCE_KINDS
+from data.cifar10 import OFFICIAL_PIXELS, SOURCE_KINDS
 from expert_core import checkpoints, runfiles
 from expert_core.config import PRESETS, get_preset
 from expert_core.portable import PortingError, load_portable
 from expert_core.report import evaluation_settings
 from expert_core.dirac import dirac_expert_kernels
-from expert_core.training import (OFFICIAL_PIXELS, RunSpec, TrainingError, _differences, _warn_if_the_pixels_changed,
+from expert_core.training import (RunSpec, TrainingError, _differences, _warn_if_the_pixels_changed,
                                   build_parser, initialise_from_data, main, recorded_spec, run, run_spec, subset_index)
 from expert_core.whitening import PATCH_IMAGES, whitening_stem_kernel
 
@@ -205,6 +205,9 @@ def test_main_reports_missing_data_and_a_missing_gpu_as_messages(tmp_path, capsy
     if not torch.cuda.is_available():
         assert main(TorchBackend, "torch", [*SHORT, "--out", str(tmp_path / "b"), "--device", "cuda"]) == 1
         assert "--device cuda: expected a CUDA GPU, found none" in capsys.readouterr().err
+    (tmp_path / "a-file").write_text("not a directory")
+    assert main(TorchBackend, "torch", [*SHORT, "--out", str(tmp_path / "a-file"), "--epochs", "1"]) == 1
+    assert "could not write the run directory in" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
@@ -221,6 +224,16 @@ def test_twenty_steps_twice_give_identical_losses(framework, cifar10):
     first = losses()
     assert first == losses()
     assert len(set(first)) > 1
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_a_step_other_than_the_backends_own_count_is_refused(framework, cifar10):
+    preset = get_preset("tiny")
+    backend = backend_factory(framework)(preset.model, preset.train, steps_per_epoch=20, seed=0, device="cpu")
+    images, labels = cifar10.train_images[:8], cifar10.train_labels[:8]
+    backend.train_step(images, labels, 0, 1.0)
+    with pytest.raises(RuntimeError, match="expected optimiser step 1, the driver asked for 0"):
+        backend.train_step(images, labels, 0, 1.0)
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)

@@ -14,12 +14,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expert_core.config import (CPU_CHUNK_ELEMENTS, BlockConfig, ModelConfig, block_merge, check_merge,
-                                normalisation_table)
-
-# Aggregated does 1x instead of K x the conv FLOPs; "auto" keeps it where images are large enough
-# (expert_core.config.block_merge). README "Speed" and results/benchmark/ have the figures.
-DEFAULT_MERGE = "auto"
+from expert_core.config import (CPU_CHUNK_ELEMENTS, DEFAULT_MERGE, BlockConfig, ModelConfig, block_merge,
+                                check_merge, check_raw_images, normalisation_table)
+from expert_core.portable import check_canonical
 
 _NORMALISED = torch.from_numpy(normalisation_table())
 
@@ -28,11 +25,17 @@ def to_model_input(images) -> torch.Tensor:
     """uint8 NHWC images (numpy or tensor) -> float32 NCHW, ((x / 255) - mean) / std looked up per value."""
     # torch.tensor copies: batches may come from read-only memory maps, which torch cannot wrap.
     x = images if isinstance(images, torch.Tensor) else torch.tensor(np.asarray(images))
-    if x.dtype != torch.uint8 or x.ndim != 4 or x.shape[-1] != 3:
-        raise ValueError(f"expected uint8 images of shape (N, H, W, 3), found {x.dtype} of shape "
-                         f"{tuple(x.shape)}; pass the raw uint8 NHWC batch, not a normalised or NCHW one.")
+    check_raw_images(x.dtype, x.shape)
     x = _NORMALISED.to(x.device)[x.long(), torch.arange(3, device=x.device)]
     return x.permute(0, 3, 1, 2).contiguous()  # contiguous NCHW, not a channels-last view
+
+
+def torch_to_canonical(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, np.ndarray]:
+    """The state dict as canonical numpy arrays, copied: on the CPU .numpy() shares the tensors'
+    memory, which the next optimiser step or load_state_dict would overwrite in place."""
+    tensors = {key: value.detach().cpu().numpy().copy() for key, value in state_dict.items()}
+    check_canonical(tensors, config, "PyTorch -> canonical")
+    return tensors
 
 
 def in_dtype(compute, dtype: torch.dtype | None, *operands) -> torch.Tensor:

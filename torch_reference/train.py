@@ -24,10 +24,10 @@ import torch.nn.functional as F
 from data.augment import (AugmentParams, apply_augmentation, draw_augment_params, evaluation_views,
                           translate_images)
 from expert_core import portable, schedules
-from expert_core.config import EVAL_BATCH, ModelConfig, TrainConfig, parameter_dtype
-from expert_core.training import Predictions, TrainingError, augment_rng
+from expert_core.config import DEFAULT_MERGE, EVAL_BATCH, ModelConfig, TrainConfig, parameter_dtype
+from expert_core.training import Predictions, TrainingError, augment_rng, check_driver_step
 from torch_reference import distributed
-from torch_reference.model import DEFAULT_MERGE, ExpertCNN, to_model_input
+from torch_reference.model import ExpertCNN, to_model_input, torch_to_canonical
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -136,6 +136,7 @@ class TorchBackend:
 
     def train_step(self, images, labels, step, temperature):
         """A step on the global batch `images`: this process augments and trains on its part of it."""
+        check_driver_step(self.scheduler.last_epoch, step)
         part = self.world.part(len(images))
         # The draws for the whole global batch, so each image is augmented as in a single-process run.
         drawn = draw_augment_params(augment_rng(self.seed, step), len(images), self.config.augment)
@@ -197,7 +198,7 @@ class TorchBackend:
         return buffer.getvalue()
 
     def canonical_weights(self) -> dict[str, np.ndarray]:
-        return {key: value.detach().cpu().numpy() for key, value in self.model.state_dict().items()}
+        return torch_to_canonical(self.model.state_dict(), self.model.config)
 
     def replace_weights(self, tensors: dict[str, np.ndarray]) -> None:
         portable.check_canonical(tensors, self.model.config, "replace_weights", partial=True)
