@@ -54,7 +54,8 @@ def _lookahead(state: TrainState, lookahead: tuple[TrainConfig, int]) -> TrainSt
     step = state.step - 1
 
     def sync(state):
-        decay = schedules.lookahead_decay(step, config, steps_per_epoch)
+        # In the parameters' float: int32 steps would divide in float32 even under float64 parity.
+        decay = schedules.lookahead_decay(jnp.asarray(step, float), config, steps_per_epoch)
         current = {"params": state.params, "batch_stats": state.batch_stats}
         slow = jax.tree.map(lambda s, w: s + (1 - decay) * (w - s), state.slow, current)
         return state.replace(params=slow["params"], batch_stats=slow["batch_stats"], slow=slow)
