@@ -30,8 +30,6 @@ from expert_core.flags import counts_below_one
 from expert_core.whitening import PATCH_IMAGES, whitening_stem_kernel
 
 
-
-
 class TrainingError(Exception):
     """Training cannot go on; the message says why and what to do."""
 
