@@ -123,6 +123,19 @@ def evaluation_views(translate: int) -> tuple[tuple[int, int, float], ...]:
     return ((0, 0, 0.5), (translate, translate, 0.25), (-translate, -translate, 0.25))
 
 
+def predict_over_views(forward, images, translate: int, flip: bool, xp):
+    """The weighted logits of `forward` (uint8 NHWC views -> logits, per-block attention) over the test-time
+    views, each averaged with its mirror image when `flip`; the attention of the unshifted image."""
+    logits, attention = 0.0, None
+    for dy, dx, weight in evaluation_views(translate):
+        view = translate_images(images, dy, dx, xp)
+        view_logits, view_attention = forward(view)
+        if flip:
+            view_logits = (view_logits + forward(xp.flip(view, axis=2))[0]) / 2
+        logits, attention = logits + weight * view_logits, attention or view_attention
+    return logits, attention
+
+
 def translate_images(images, dy: int, dx: int, xp):
     """Shift a uint8 NHWC batch by (dy, dx) pixels with zero fill: a pad-crop at a fixed offset."""
     p = max(abs(dy), abs(dx))

@@ -18,6 +18,7 @@ import numpy as np  # noqa: E402
 from matplotlib.colors import TwoSlopeNorm  # noqa: E402
 from matplotlib.ticker import FormatStrFormatter, MaxNLocator  # noqa: E402
 
+from expert_core.files import atomic_writer  # noqa: E402
 from expert_core.runfiles import evaluated_epochs  # noqa: E402
 
 RUN_COLOURS = plt.rcParams["axes.prop_cycle"].by_key()["color"]
@@ -171,5 +172,9 @@ def _annotate(ax, image, values: np.ndarray, texts: list[str]) -> None:
 
 
 def _save(fig, path: Path) -> None:
-    fig.savefig(path, dpi=110, bbox_inches="tight")
-    plt.close(fig)
+    """Atomically: the curves are redrawn after every epoch, and a run killed mid-write keeps the last ones."""
+    try:
+        with atomic_writer(path) as f:
+            fig.savefig(f, format=Path(path).suffix[1:], dpi=110, bbox_inches="tight")
+    finally:
+        plt.close(fig)

@@ -39,6 +39,12 @@ class Predictions:
     logits: np.ndarray  # (N, classes) float32
     attention: list[np.ndarray]  # per block (N, K)
 
+    @classmethod
+    def from_batches(cls, batches: list[tuple[np.ndarray, list[np.ndarray]]]) -> "Predictions":
+        """One Predictions from consecutive batches' (logits, per-block attention)."""
+        logits, attention = zip(*batches)
+        return cls(np.concatenate(logits), [np.concatenate(block) for block in zip(*attention)])
+
 
 class Backend(Protocol):
     """The numerical half of a training run, implemented once per framework."""
@@ -162,9 +168,12 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
     test_index = subset_index(len(dataset.test_labels), spec.max_test_examples)
     test_x, test_y = dataset.test_images[test_index], dataset.test_labels[test_index]
     steps_per_epoch = count_steps_per_epoch(len(train_x), spec.train.batch_size)
+    run_dir = Path(args.out or f"runs/{framework}-{args.preset}")
+    # Before the backend joins its process group: a refusal in one process must not leave the others
+    # waiting at their first collective for a peer that has gone.
+    refuse_a_used_run_dir(run_dir, args.resume, args.overwrite)
     backend = factory(spec.model, spec.train, steps_per_epoch=steps_per_epoch, seed=spec.seed,
                       merge=args.merge, device=args.device, precision=spec.precision, devices=args.devices)
-    run_dir = Path(args.out or f"runs/{framework}-{args.preset}")
     if backend.is_main_process:  # the only writer; the other processes read the directory on --resume only
         with reporting_write_failures(run_dir, "the run directory"):
             prepare_run_dir(run_dir, args.resume, args.overwrite)
@@ -194,6 +203,13 @@ def run_spec(args: argparse.Namespace, train_images: int, test_images: int) -> R
 def effective_cap(requested: int | None, available: int) -> int | None:
     """A cap at or above what there is caps nothing: recorded as none, so that --resume without it matches."""
     return None if requested is None or requested >= available else requested
+
+
+def check_batch_divides(batch_size: int, parts: int, unit: str, alternative: str = "") -> None:
+    """The global batch splits into equal shares, one per device or process."""
+    if batch_size % parts:
+        raise TrainingError(f"expected a global batch size divisible by the {parts} {unit}, found {batch_size}; "
+                            f"pass a --batch-size that is a multiple of {parts}{alternative}.")
 
 
 def count_steps_per_epoch(train_images: int, batch_size: int) -> int:
@@ -269,10 +285,13 @@ def subset_index(n: int, limit: int | None) -> np.ndarray:
     return np.sort(np.random.default_rng(20261124).permutation(n)[:limit])
 
 
-def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if run_dir.exists() and any(run_dir.iterdir()) and not (resume or overwrite):
+def refuse_a_used_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
+    if run_dir.is_dir() and any(run_dir.iterdir()) and not (resume or overwrite):
         raise TrainingError(f"{run_dir} is not empty; pass --resume to continue that run or --overwrite "
                             "to delete it and start again.")
+
+
+def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if overwrite and run_dir.exists():
         shutil.rmtree(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)

@@ -29,10 +29,10 @@ from flax.training import train_state
 from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from data.augment import evaluation_views, translate_images
+from data.augment import predict_over_views
 from expert_core import portable, schedules
 from expert_core.config import DEFAULT_MERGE, EVAL_BATCH, AugmentConfig, ModelConfig, TrainConfig, parameter_dtype
-from expert_core.training import Predictions, TrainingError, check_driver_step
+from expert_core.training import Predictions, TrainingError, check_batch_divides, check_driver_step
 from flax_expert.augment import augment_batch
 from flax_expert.model import ExpertCNN, init_variables, to_model_input
 
@@ -170,23 +170,22 @@ def augmented_train_step(state: TrainState, images, labels, temperature, augment
 def eval_step(state: TrainState, images, temperature, test_time_flip: bool = False, translate: int = 0):
     """Weighted logits over the test-time views; attention of the unshifted image."""
     variables = {"params": state.params, "batch_stats": state.batch_stats}
-    logits, attention = 0.0, None
-    for dy, dx, weight in evaluation_views(translate):
-        x = to_model_input(translate_images(images, dy, dx, jnp))
-        view_logits, view_attention = state.apply_fn(variables, x, train=False, temperature=temperature,
-                                                     return_attention=True)
-        if test_time_flip:
-            view_logits = (view_logits + state.apply_fn(variables, x[:, :, ::-1], train=False,
-                                                        temperature=temperature)) / 2
-        logits, attention = logits + weight * view_logits, attention or view_attention
-    return logits, attention
+
+    def forward(view):
+        return state.apply_fn(variables, to_model_input(view), train=False, temperature=temperature,
+                              return_attention=True)
+
+    return predict_over_views(forward, images, translate, test_time_flip, jnp)
 
 
 def resolve_devices(device: str, count: int | None = None) -> list[jax.Device]:
     """The first `count` (default: all) devices of the platform `device` names, over all processes.
 
     On several hosts leave `count` unset: every process must own a part of the mesh."""
-    platform = None if device == "auto" else "gpu" if device.startswith("cuda") else device
+    if ":" in device:
+        raise TrainingError(f"--device {device}: expected cpu, cuda or auto; Flax trains on the first --devices "
+                            "of a platform, so pick GPUs with CUDA_VISIBLE_DEVICES instead of an index.")
+    platform = None if device == "auto" else "gpu" if device == "cuda" else device
     try:
         available = jax.devices(platform)
     except RuntimeError as error:
@@ -221,10 +220,7 @@ class FlaxBackend:
                  seed: int, merge: str | None = None, device: str = "auto", precision: str = "float32",
                  devices: int | None = None):
         mesh_devices = resolve_devices(device, devices)
-        if train_config.batch_size % len(mesh_devices):
-            raise TrainingError(f"expected a global batch size divisible by the {len(mesh_devices)} devices, "
-                                f"found {train_config.batch_size}; pass a --batch-size that is a multiple of "
-                                f"{len(mesh_devices)}, or fewer --devices.")
+        check_batch_divides(train_config.batch_size, len(mesh_devices), "devices", ", or fewer --devices")
         mesh = Mesh(np.array(mesh_devices), ("data",))
         self.replicated = NamedSharding(mesh, PartitionSpec())
         self.batch_sharding = NamedSharding(mesh, PartitionSpec("data"))
@@ -271,15 +267,14 @@ class FlaxBackend:
     def predict(self, images: np.ndarray, temperature: float, translate: int = 0) -> Predictions:
         devices = self.batch_sharding.num_devices
         size = -(-EVAL_BATCH // devices) * devices  # the shards must be equal
-        logits, attention = [], []
+        batches = []
         for start in range(0, len(images), size):
             batch = images[start:start + size]
             padded = np.pad(batch, ((0, size - len(batch)), (0, 0), (0, 0), (0, 0)))  # one shape, one compile
             outputs = eval_step(self.state, self.shard(padded), temperature, self.config.test_time_flip, translate)
-            batch_logits, batch_attention = multihost_utils.process_allgather(outputs, tiled=True)
-            logits.append(batch_logits[:len(batch)])
-            attention.append([a[:len(batch)] for a in batch_attention])
-        return Predictions(np.concatenate(logits), [np.concatenate(a) for a in zip(*attention)])
+            logits, attention = multihost_utils.process_allgather(outputs, tiled=True)
+            batches.append((logits[:len(batch)], [a[:len(batch)] for a in attention]))
+        return Predictions.from_batches(batches)
 
     def state_bytes(self) -> bytes:
         return flax.serialization.to_bytes(self.state)

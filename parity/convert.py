@@ -17,15 +17,9 @@ import torch
 
 from expert_core import checkpoints
 from expert_core.config import ModelConfig, TrainConfig, model_config_from_dict
-from expert_core.portable import (UnreadableWeightsError, canonical_to_flax, check_canonical, flax_to_canonical,
-                                  load_portable)
+from expert_core.portable import UnreadableWeightsError, canonical_to_flax, flax_to_canonical, load_portable
 from expert_core.report import evaluation_settings, resolve_checkpoint
-from torch_reference.model import torch_to_canonical
-
-
-def canonical_to_torch(tensors: dict[str, np.ndarray], config: ModelConfig) -> dict[str, torch.Tensor]:
-    check_canonical(tensors, config, "canonical -> PyTorch")
-    return {key: torch.from_numpy(np.array(value)) for key, value in tensors.items()}
+from torch_reference.model import canonical_to_torch, torch_to_canonical
 
 
 def port_torch_to_flax(state_dict: dict[str, torch.Tensor], config: ModelConfig) -> dict:

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import json
 import multiprocessing
 import os
 import statistics
@@ -39,7 +38,7 @@ from data.augment import draw_augment_params
 from expert_core.config import MERGE_MODES, PRESETS, ModelConfig, block_merge, get_preset
 from expert_core.flags import refuse_counts_below_one
 from expert_core.huge_pages import relaunch_with_huge_pages
-from expert_core.runfiles import cpu_name, cpu_vector_isa, cpuinfo_values
+from expert_core.runfiles import cpu_name, cpu_vector_isa, cpuinfo_values, write_json
 
 
 def block_shapes(config: ModelConfig, batch: int) -> list[tuple[int, int, int, int, int]]:
@@ -80,7 +79,7 @@ def matmul_gflops() -> float:
     """A large float32 matmul's rate: what this CPU really sustains (turbo clocks, 256-bit AVX-512
     datapaths and the like make the formula's peak only an estimate)."""
     a = np.random.default_rng(0).standard_normal((2048, 2048), dtype=np.float32)
-    return 2 * 2048 ** 3 / min(median_seconds(lambda: a @ a, 1) for _ in range(5)) / 1e9
+    return 2 * 2048 ** 3 / min(call_seconds(lambda: a @ a, 5)) / 1e9
 
 
 def gpu_limits() -> dict:
@@ -116,13 +115,18 @@ def in_fresh_process(runner, *args) -> dict:
         return pool.apply(runner, args)
 
 
-def median_seconds(fn, repeats: int) -> float:
+def call_seconds(fn, repeats: int) -> list[float]:
+    """Seconds of each of `repeats` calls."""
     times = []
     for _ in range(repeats):
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
-    return statistics.median(times)
+    return times
+
+
+def median_seconds(fn, repeats: int) -> float:
+    return statistics.median(call_seconds(fn, repeats))
 
 
 def bench_torch(preset, merge, precision, images, labels, repeats, device):
@@ -181,8 +185,9 @@ def bench_flax(preset, merge, precision, images, labels, repeats, device):
 
     from flax_expert import train as flax_train
 
+    # One device, as PyTorch's side has: left unset, Flax would train data-parallel on every GPU of the host.
     backend = flax_train.FlaxBackend(preset.model, preset.train, steps_per_epoch=1000, seed=0, merge=merge,
-                                     device=device, precision=precision)
+                                     device=device, precision=precision, devices=1)
     steps = itertools.count()
 
     def train():
@@ -243,7 +248,7 @@ def data_wait(preset, images, labels, batch: int, repeats: int) -> dict:
     return {"torch": torch_prep, "flax": flax_prep}
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--presets", nargs="+", default=["seed"], choices=sorted(PRESETS))
     parser.add_argument("--batch-size", type=int, default=128)
@@ -257,6 +262,11 @@ def main(argv=None) -> int:
     parser.add_argument("--precision", choices=("float32", "bfloat16"), default="float32",
                         help="bfloat16: the training scripts' mixed precision (convolutions in bf16)")
     parser.add_argument("--json", help="write the table here as JSON")
+    return parser
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     refuse_counts_below_one(parser, args, ("batch_size", "repeats", "processes"))
     limits = measure_limits(args.device)
@@ -267,30 +277,36 @@ def main(argv=None) -> int:
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 256, (4 * args.batch_size, 32, 32, 3), dtype=np.uint8)
     pool_labels = rng.integers(0, 10, len(pool))
-    images, labels = pool[:args.batch_size], pool_labels[:args.batch_size]
-    runners = {"flax": bench_flax, "torch": bench_torch}
     rows = []
     for name in args.presets:
-        preset = get_preset(name)
-        flops = model_flops_per_image(preset.model)
-        waits = data_wait(preset, pool, pool_labels, args.batch_size, args.repeats)
-        for merge in args.merges:
-            timings = {framework: [] for framework in args.frameworks}
-            for _ in range(args.processes):  # alternating, so that a slow spell of the VM hits both
-                for framework in args.frameworks:
-                    timings[framework].append(
-                        in_fresh_process(runners[framework], preset, merge, args.precision, images, labels,
-                                         args.repeats, args.device))
-            for framework in args.frameworks:
-                rows.append(make_row(name, framework, merge, args.batch_size, timings[framework], flops,
-                                     limits, waits[framework]))
-                print_row(rows[-1])
+        rows += bench_preset(name, args, limits, pool, pool_labels)
         print_ratios(rows, name)
     if args.json:
-        Path(args.json).write_text(json.dumps({"device": args.device, "cpu": cpu_name(), **limits,
-                                                "glibc_tunables": tunables, "precision": args.precision,
-                                                "rows": rows}, indent=2))
+        write_json(Path(args.json), {"device": args.device, "cpu": cpu_name(), **limits, "glibc_tunables": tunables,
+                                     "precision": args.precision, "rows": rows})
     return 0
+
+
+def bench_preset(name: str, args: argparse.Namespace, limits: dict, pool: np.ndarray,
+                 pool_labels: np.ndarray) -> list[dict]:
+    """One row per merge and framework, each timed in `args.processes` fresh processes."""
+    preset = get_preset(name)
+    images, labels = pool[:args.batch_size], pool_labels[:args.batch_size]
+    flops = model_flops_per_image(preset.model)
+    waits = data_wait(preset, pool, pool_labels, args.batch_size, args.repeats)
+    runners = {"flax": bench_flax, "torch": bench_torch}
+    rows = []
+    for merge in args.merges:
+        per_process = {framework: [] for framework in args.frameworks}
+        for _ in range(args.processes):  # alternating, so that a slow spell of the VM hits both
+            for framework in args.frameworks:
+                per_process[framework].append(in_fresh_process(runners[framework], preset, merge, args.precision,
+                                                               images, labels, args.repeats, args.device))
+        for framework in args.frameworks:
+            rows.append(make_row(name, framework, merge, args.batch_size, per_process[framework], flops, limits,
+                                 waits[framework]))
+            print_row(rows[-1])
+    return rows
 
 
 def print_ratios(rows: list[dict], preset: str) -> None:

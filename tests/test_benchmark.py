@@ -35,3 +35,19 @@ def test_benchmark_refuses_every_count_below_one_together(capsys):
         load_script("benchmark").main(["--repeats", "0", "--processes", "-1"])
     assert exit_info.value.code == 2
     assert "expected --repeats of at least 1, found 0; --processes of at least 1, found -1." in capsys.readouterr().err
+
+
+def test_ratios_are_flax_over_torch_and_each_merge_over_branches(capsys):
+    def row(framework, merge, images_per_second, merge_ms):
+        return {"preset": "p", "framework": framework, "merge": merge, "train_images_per_second": images_per_second,
+                "merge_ms": merge_ms}
+
+    rows = [row("flax", "branches", 100, 40.0), row("flax", "aggregated", 300, 10.0),
+            row("torch", "branches", 200, 20.0), row("torch", "aggregated", 250, 8.0), row("torch", "stacked", 1, 1.0)]
+    load_script("benchmark").print_ratios(rows, "p")
+    assert capsys.readouterr().out.splitlines() == [
+        "p / branches: Flax / PyTorch train-step ratio 0.50",
+        "p / aggregated: Flax / PyTorch train-step ratio 1.20",
+        "p / flax: aggregated / branches train-step ratio 3.00, merges alone (forward + backward) 4.00",
+        "p / torch: aggregated / branches train-step ratio 1.25, merges alone (forward + backward) 2.50",
+        "p / torch: stacked / branches train-step ratio 0.01, merges alone (forward + backward) 20.00"]

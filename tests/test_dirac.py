@@ -27,4 +27,7 @@ def test_dirac_keeps_as_many_identities_as_there_are_outputs_when_a_block_narrow
 def test_dirac_weights_change_the_expert_kernels_only():
     tensors = {"stem.conv.weight": np.ones((8, 3, 3, 3)), "blocks.0.kernels": np.ones((2, 8, 8, 3, 3)),
                "blocks.0.bn.bias": np.ones(8)}
-    assert list(dirac_weights(tensors)) == ["blocks.0.kernels"]
+    changed = dirac_weights(tensors)
+    assert list(changed) == ["blocks.0.kernels"]
+    np.testing.assert_array_equal(changed["blocks.0.kernels"], dirac_expert_kernels(tensors["blocks.0.kernels"]))
+    assert not np.array_equal(changed["blocks.0.kernels"], tensors["blocks.0.kernels"])

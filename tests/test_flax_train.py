@@ -124,3 +124,8 @@ def test_device_flag_rejects_a_missing_gpu():
         pytest.skip("a GPU is present")
     with pytest.raises(TrainingError, match="--device cuda"):
         flax_train.resolve_devices("cuda")
+
+
+def test_device_flag_refuses_a_gpu_index_and_says_how_to_pick_gpus():
+    with pytest.raises(TrainingError, match="--device cuda:1: expected cpu, cuda or auto.*CUDA_VISIBLE_DEVICES"):
+        flax_train.resolve_devices("cuda:1")

@@ -11,8 +11,8 @@ from hypothesis import strategies as st
 
 from data.augment import translate_images
 from expert_core.config import LR_SCHEDULES, OPTIMIZERS, BlockConfig, ModelConfig, TrainConfig, get_preset
-from expert_core.portable import (UNUSED_IN_FLAX, PortingError, UnreadableWeightsError, canonical_shapes, load_portable,
-                                  save_portable)
+from expert_core.portable import (UNUSED_IN_FLAX, PortingError, UnreadableWeightsError, canonical_shapes,
+                                  canonical_to_flax, flax_to_canonical, load_portable, save_portable)
 from flax_expert.model import ExpertCNN as FlaxExpertCNN
 from flax_expert.model import init_variables
 from flax_expert.model import to_model_input as flax_to_model_input
@@ -116,8 +116,6 @@ def test_portable_file_is_written_and_read_by_both_sides(tmp_path):
                   {"written_by": "torch"})
     tensors, config, extra = load_portable(tmp_path / "w.safetensors")
     assert config == SMALL and extra == {"written_by": "torch"}
-    from expert_core.portable import canonical_to_flax, flax_to_canonical
-
     variables = canonical_to_flax(tensors, config)
     save_portable(tmp_path / "f.safetensors", flax_to_canonical(variables, config), config)
     again, _, _ = load_portable(tmp_path / "f.safetensors")
@@ -226,6 +224,42 @@ def test_parity_holds_for_drawn_configs(config, cifar10_small):
 @pytest.fixture(scope="module")
 def cifar10_small(cifar10):
     return cifar10.test_images[:32], cifar10.test_labels[:32]
+
+
+def test_the_checks_fail_when_one_flax_expert_kernel_is_off_by_a_part_in_a_thousand(cifar10_small):
+    """A control for the rows that only ever pass on a faithful port: eval, train mode and gradients."""
+    images, labels = cifar10_small
+    config = dataclasses.replace(SMALL, dropout=0.0)  # train mode, as the checks run it
+    faithful = Pair.from_torch(config)
+    tensors = torch_to_canonical(faithful.torch_net.state_dict(), config)
+    # One expert only: scaling all of a block's kernels alike would vanish in train mode's batch statistics.
+    tensors["blocks.1.kernels"][0] *= 1.001
+    pair = dataclasses.replace(faithful, variables=jax.tree.map(jax.numpy.asarray, canonical_to_flax(tensors, config)))
+    rows = eval_checks(pair, images, SMALL.temperature) + train_mode_checks(pair, images, SMALL.temperature)
+    rows += gradient_checks(pair, images[:16], labels[:16], SMALL.temperature, SEED_RECIPE.label_smoothing)
+    failed = {r.quantity for r in rows if not r.passed}
+    expected = {"eval logits", "train-mode logits (batch statistics)", "running mean/var after one train-mode batch",
+                "gradients, max |diff| / max |grad| over tensors, float64"}
+    assert expected <= failed, f"expected {sorted(expected)} to fail, found failing: {sorted(failed)}"
+
+
+@pytest.mark.parametrize("framework", ["torch", "flax"])
+def test_test_time_flip_averages_each_image_with_its_mirror(framework):
+    torch.manual_seed(0)
+    tensors = torch_to_canonical(TorchExpertCNN(SMALL).state_dict(), SMALL)
+    flipping, plain = (backend_with(framework, tensors, TrainConfig(test_time_flip=flip)) for flip in (True, False))
+    images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
+    single, mirrored = (plain.predict(view, 2.0).logits for view in (images, np.ascontiguousarray(images[:, :, ::-1])))
+    np.testing.assert_allclose(flipping.predict(images, 2.0).logits, (single + mirrored) / 2, rtol=1e-5, atol=1e-6)
+    assert np.abs(mirrored - single).max() > 1e-3  # the mirror is another view, so the average is not a no-op
+
+
+def backend_with(framework: str, tensors: dict, recipe: TrainConfig):
+    if framework == "flax":
+        return FlaxBackend.from_canonical(tensors, SMALL, recipe)
+    backend = TorchBackend(SMALL, recipe, steps_per_epoch=1, seed=0, device="cpu")
+    backend.model.load_state_dict(canonical_to_torch(tensors, SMALL))
+    return backend
 
 
 def test_test_time_views_are_the_weighted_shifted_predictions_in_both_frameworks():

@@ -1,6 +1,8 @@
 """Run-file helpers that do not need a training run."""
 
 import re
+import subprocess
+from pathlib import Path
 
 import numpy as np
 
@@ -8,7 +10,9 @@ from expert_core import runfiles
 
 
 def test_git_commit_inside_the_checkout_is_head():
-    assert re.fullmatch(r"[0-9a-f]{40}(-dirty)?", runfiles.git_commit())
+    root = Path(runfiles.__file__).resolve().parents[1]
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=root, capture_output=True, text=True, check=True)
+    assert re.fullmatch(f"{head.stdout.strip()}(-dirty)?", runfiles.git_commit())
 
 
 def test_git_commit_outside_a_checkout_comes_from_the_environment(tmp_path, monkeypatch):

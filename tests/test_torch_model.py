@@ -9,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig, TrainConfig
+from expert_core.training import TrainingError
 from torch_reference import model as torch_model
 from torch_reference.model import ExpertCNN, to_model_input
+from torch_reference.train import resolve_device
 
 from model_configs import SHAPE_CONFIGS
 
@@ -247,3 +249,8 @@ def test_bfloat16_runs_the_convolutions_alone_in_bfloat16():
     norms = len(MIXED.blocks) + 1  # each block's and the stem's
     assert len(outputs) == linear_layers + norms and len(inputs) == norms
     assert set(outputs.values()) == set(inputs.values()) == {torch.float32}
+
+
+def test_device_flag_refuses_an_unknown_device_in_one_message():
+    with pytest.raises(TrainingError, match="--device gpu: expected cpu, cuda, cuda:N or auto"):
+        resolve_device("gpu")

@@ -55,6 +55,21 @@ def test_run_writes_every_run_file(framework, tmp_path):
     assert [row["epoch"] for row in history] == [1, 2]
     assert len(history[0]["expert_usage"]) == len(get_preset("tiny").model.blocks)
     assert np.allclose([sum(u) for u in history[0]["expert_usage"]], 1.0, atol=1e-5)
+    assert_last_epoch_metrics_match_the_saved_evaluation(history[-1], runfiles.read_evaluation(tmp_path), summary)
+
+
+def assert_last_epoch_metrics_match_the_saved_evaluation(row, saved, summary):
+    """The tiny preset has no test-time translation, so the final evaluation is the last epoch's:
+    its metrics, recomputed here from the saved logits and attention with plain numpy."""
+    logits, labels = saved["logits"].astype(np.float64), saved["labels"]
+    log_normaliser = np.log(np.exp(logits - logits.max(1, keepdims=True)).sum(1)) + logits.max(1)
+    assert row["test_loss"] == pytest.approx((log_normaliser - logits[np.arange(len(labels)), labels]).mean(), rel=1e-6)
+    accuracy = 100 * (logits.argmax(1) == labels).mean()
+    assert row["test_accuracy"] == pytest.approx(accuracy) and summary["test_accuracy"] == pytest.approx(accuracy)
+    for b, attention in enumerate(saved["attention"]):
+        np.testing.assert_allclose(row["expert_usage"][b], attention.mean(0), atol=1e-6)
+        entropy = -(attention * np.log(attention)).sum(1).mean()
+        assert row["attention_entropy"][b] == pytest.approx(entropy, rel=1e-5)
 
 
 def test_eval_every_skips_epochs_but_never_the_last(tmp_path):
@@ -62,7 +77,9 @@ def test_eval_every_skips_epochs_but_never_the_last(tmp_path):
     history = runfiles.read_metrics(tmp_path)
     assert [row["epoch"] for row in runfiles.evaluated_epochs(history)] == [2, 3]
     assert "test_accuracy" not in history[0] and "expert_usage" not in history[0]
-    assert summary["eval_every_epochs"] == 2 and summary["best_epoch"] in (2, 3)
+    best = max(runfiles.evaluated_epochs(history), key=lambda row: row["test_accuracy"])
+    assert summary["eval_every_epochs"] == 2 and summary["best_epoch"] == best["epoch"]
+    assert summary["best_test_accuracy"] == best["test_accuracy"]
     assert summary["last_epoch_test_accuracy"] == history[-1]["test_accuracy"]
     assert (tmp_path / "curves.png").stat().st_size > 0
     for refused in ("0", "-1"):

@@ -23,8 +23,8 @@ _NORMALISED = torch.from_numpy(normalisation_table())
 
 def to_model_input(images) -> torch.Tensor:
     """uint8 NHWC images (numpy or tensor) -> float32 NCHW, ((x / 255) - mean) / std looked up per value."""
-    # torch.tensor copies: batches may come from read-only memory maps, which torch cannot wrap.
-    x = images if isinstance(images, torch.Tensor) else torch.tensor(np.asarray(images))
+    # A copy: batches may come from read-only memory maps or mirrored views, which torch cannot wrap.
+    x = images if isinstance(images, torch.Tensor) else torch.tensor(np.ascontiguousarray(images))
     check_raw_images(x.dtype, x.shape)
     x = _NORMALISED.to(x.device)[x.long(), torch.arange(3, device=x.device)]
     return x.permute(0, 3, 1, 2).contiguous()  # contiguous NCHW, not a channels-last view
@@ -36,6 +36,13 @@ def torch_to_canonical(state_dict: dict[str, torch.Tensor], config: ModelConfig)
     tensors = {key: value.detach().cpu().numpy().copy() for key, value in state_dict.items()}
     check_canonical(tensors, config, "PyTorch -> canonical")
     return tensors
+
+
+def canonical_to_torch(tensors: dict[str, np.ndarray], config: ModelConfig,
+                       partial: bool = False) -> dict[str, torch.Tensor]:
+    """Canonical arrays as a state dict (copies, so the arrays stay the caller's); `partial`: some of it."""
+    check_canonical(tensors, config, "canonical -> PyTorch", partial)
+    return {key: torch.from_numpy(np.array(value)) for key, value in tensors.items()}
 
 
 def in_dtype(compute, dtype: torch.dtype | None, *operands) -> torch.Tensor:

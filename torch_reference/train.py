@@ -21,13 +21,12 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from data.augment import (AugmentParams, apply_augmentation, draw_augment_params, evaluation_views,
-                          translate_images)
+from data.augment import AugmentParams, apply_augmentation, draw_augment_params, predict_over_views
 from expert_core import portable, schedules
 from expert_core.config import DEFAULT_MERGE, EVAL_BATCH, ModelConfig, TrainConfig, parameter_dtype
-from expert_core.training import Predictions, TrainingError, augment_rng, check_driver_step
+from expert_core.training import Predictions, TrainingError, augment_rng, check_batch_divides, check_driver_step
 from torch_reference import distributed
-from torch_reference.model import ExpertCNN, to_model_input, torch_to_canonical
+from torch_reference.model import ExpertCNN, canonical_to_torch, to_model_input, torch_to_canonical
 
 
 def resolve_device(device: str, local_rank: int = 0) -> torch.device:
@@ -35,7 +34,10 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
         device = "cuda" if torch.cuda.is_available() else "cpu"
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise TrainingError(f"--device {device}: expected a CUDA GPU, found none; use --device cpu.")
-    resolved = torch.device(device)
+    try:
+        resolved = torch.device(device)
+    except RuntimeError as error:
+        raise TrainingError(f"--device {device}: expected cpu, cuda, cuda:N or auto ({error}).") from error
     if resolved.type == "cuda" and resolved.index is None:
         return torch.device("cuda", local_rank)  # torchrun starts one process per GPU of the host
     return resolved
@@ -62,9 +64,9 @@ def make_optimizer(model: torch.nn.Module, config: TrainConfig, steps_per_epoch:
         optimizer = torch.optim.SGD(groups, lr=config.learning_rate, momentum=config.momentum,
                                     nesterov=True, weight_decay=config.weight_decay)
     else:
-        kind = torch.optim.Adam if config.optimizer == "adam_l2" else torch.optim.AdamW
-        optimizer = kind(groups, lr=config.learning_rate, betas=config.adam_betas,
-                         eps=config.adam_eps, weight_decay=config.weight_decay)
+        adam_class = torch.optim.Adam if config.optimizer == "adam_l2" else torch.optim.AdamW
+        optimizer = adam_class(groups, lr=config.learning_rate, betas=config.adam_betas,
+                               eps=config.adam_eps, weight_decay=config.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: float(schedules.learning_rate(step, config, steps_per_epoch)) / config.learning_rate)
     return optimizer, scheduler
@@ -171,24 +173,17 @@ class TorchBackend:
     def predict(self, images: np.ndarray, temperature: float, translate: int = 0) -> Predictions:
         """Every process evaluates all `images` on its own model copy: no collectives, cheap next to training."""
         self.model.eval()
-        logits, attention = [], []
-        for start in range(0, len(images), EVAL_BATCH):
-            batch_logits, batch_attention = self._predict_batch(images[start:start + EVAL_BATCH], temperature,
-                                                                translate)
-            logits.append(batch_logits.float().cpu().numpy())
-            attention.append([a.float().cpu().numpy() for a in batch_attention])
-        return Predictions(np.concatenate(logits), [np.concatenate(a) for a in zip(*attention)])
 
-    def _predict_batch(self, images: np.ndarray, temperature: float, translate: int):
-        """Weighted logits over the test-time views; attention of the unshifted image."""
-        logits, attention = 0.0, None
-        for dy, dx, weight in evaluation_views(translate):
-            x = to_model_input(translate_images(images, dy, dx, np)).to(self.torch_device)
-            view_logits, view_attention = self.model(x, temperature=temperature, return_attention=True)
-            if self.config.test_time_flip:
-                view_logits = (view_logits + self.model(x.flip(3), temperature=temperature)) / 2
-            logits, attention = logits + weight * view_logits, attention or view_attention
-        return logits, attention
+        def forward(view):
+            return self.model(to_model_input(view).to(self.torch_device), temperature=temperature,
+                              return_attention=True)
+
+        batches = []
+        for start in range(0, len(images), EVAL_BATCH):
+            logits, attention = predict_over_views(forward, images[start:start + EVAL_BATCH], translate,
+                                                   self.config.test_time_flip, np)
+            batches.append((logits.float().cpu().numpy(), [a.float().cpu().numpy() for a in attention]))
+        return Predictions.from_batches(batches)
 
     def state_bytes(self) -> bytes:
         buffer = io.BytesIO()
@@ -201,9 +196,8 @@ class TorchBackend:
         return torch_to_canonical(self.model.state_dict(), self.model.config)
 
     def replace_weights(self, tensors: dict[str, np.ndarray]) -> None:
-        portable.check_canonical(tensors, self.model.config, "replace_weights", partial=True)
         self.model.load_state_dict({**self.model.state_dict(),
-                                    **{key: torch.as_tensor(value) for key, value in tensors.items()}})
+                                    **canonical_to_torch(tensors, self.model.config, partial=True)})
         if self.lookahead:  # the average starts again from the new weights
             self.lookahead.restart()
 
@@ -221,9 +215,7 @@ def _check_world(world: distributed.World, batch_size: int, devices: int | None)
         raise TrainingError(f"--devices {devices}: PyTorch trains on one device per process and this run has "
                             f"{world.size}; start it with torchrun --nproc_per_node {devices} and leave "
                             "--devices out.")
-    if batch_size % world.size:
-        raise TrainingError(f"expected a global batch size divisible by the {world.size} processes, found "
-                            f"{batch_size}; pass a --batch-size that is a multiple of {world.size}.")
+    check_batch_divides(batch_size, world.size, "processes")
 
 
 def _describe(device: torch.device, processes: int) -> str:
