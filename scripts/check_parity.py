@@ -12,14 +12,15 @@ but not judged); exits 1 if any fails.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
+from pathlib import Path
 
 from data import DataError, load_cifar10
 from expert_core.config import PRESETS, get_preset
 from expert_core.flags import refuse_counts_below_one
 from expert_core.report import LOAD_ERRORS
+from expert_core.runfiles import write_json
 from parity.checks import run_all
 from parity.convert import canonical_to_torch, load_for_evaluation
 
@@ -67,8 +68,7 @@ def main(argv=None) -> int:
     print(f"{len(rows) - len(failed) - reported} passed, {len(failed)} failed, {reported} reported "
           f"({time.perf_counter() - start:.0f} s)")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"weights": source, "images": len(images), "checks": [r.as_dict() for r in rows]}, f, indent=2)
+        write_json(Path(args.json), {"weights": source, "images": len(images), "checks": [r.as_dict() for r in rows]})
     return 1 if failed else 0
 
 

@@ -219,6 +219,31 @@ def test_no_source_and_no_download_says_what_to_do(tmp_path, cache, monkeypatch)
         load_cifar10(cache_dir=cache)
 
 
+def test_a_copy_in_cifar10_root_is_found_without_any_path(batches, cache, monkeypatch):
+    directory, splits = batches
+    monkeypatch.delenv("CIFAR10_PATH", raising=False)
+    monkeypatch.delenv("CIFAR10_SOURCE", raising=False)
+    monkeypatch.setenv("CIFAR10_ROOT", str(directory.parent))
+    loaded = load_cifar10(cache_dir=cache)
+    assert loaded.source == f"batches:{directory}"
+    np.testing.assert_array_equal(loaded.test_labels, splits["test"][1])
+
+
+def test_download_fetches_the_archive_into_cifar10_root_and_checks_its_md5(batches, tmp_path, cache, monkeypatch):
+    """The real download code, served from a file:// URL instead of the network."""
+    directory, splits = batches
+    served = write_tarball(tmp_path / "served.tar.gz", directory)
+    monkeypatch.setattr(sources, "TARBALL_URL", served.as_uri())
+    monkeypatch.setattr(sources, "TARBALL_MD5", hashlib.md5(served.read_bytes()).hexdigest())
+    monkeypatch.delenv("CIFAR10_PATH", raising=False)
+    monkeypatch.delenv("CIFAR10_SOURCE", raising=False)
+    monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "root"))
+    loaded = load_cifar10(cache_dir=cache, download=True)
+    fetched = tmp_path / "root" / sources.TARBALL_NAME
+    assert loaded.source == f"tarball:{fetched}" and fetched.read_bytes() == served.read_bytes()
+    np.testing.assert_array_equal(loaded.train_labels, splits["train"][1])
+
+
 def test_download_with_another_source_asked_for_refuses_instead_of_fetching_the_archive(tmp_path, cache, monkeypatch):
     monkeypatch.delenv("CIFAR10_PATH", raising=False)
     monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "empty"))

@@ -14,13 +14,14 @@ from PIL import Image
 from expert_core import checkpoints, runfiles
 from expert_core.config import CLASS_NAMES
 from expert_core.portable import load_portable, save_portable
-from expert_core.report import Run, evaluated_images, load_runs, probabilities, worst_mistakes
+from expert_core.report import Run, evaluated_images, load_runs, probabilities, read_image, worst_mistakes
 from expert_core.training import build_parser, run
 from scripts_as_modules import load_script
 
 SMALL = ["--preset", "tiny", "--max-train-examples", "512", "--max-test-examples", "200"]
 
 report_cli, predict_cli, evaluate_cli = load_script("report"), load_script("predict"), load_script("evaluate")
+check_parity_cli = load_script("check_parity")
 
 
 @pytest.fixture(scope="module")
@@ -262,11 +263,38 @@ def test_predict_matches_the_runs_own_evaluation(runs, image_files, framework, c
         check_prediction_structure(record)
     assert records[3]["notes"] == ["resized from 96x64 to 32x32, centre 64x64 square"]
     assert records[4]["notes"] == ["fully opaque alpha channel dropped"]
+    np.testing.assert_allclose(records[4]["logits"], evaluation["logits"][0], atol=1e-4)  # the first test image
     failed = records[len(files["exact"]) + len(files["ok"]):]
     for record, (name, words) in zip(failed, files["failing"].items()):
         assert not record["ok"] and record["error"].startswith(str(root / name)) and words in record["error"]
     printed = capsys.readouterr()
     assert printed.out.count(": 1. ") == 5 and printed.err.count("error: ") == 5
+
+
+def test_read_image_crops_the_centre_square_of_a_wide_image(tmp_path):
+    wide = np.zeros((64, 96, 3), np.uint8)
+    wide[:, :16], wide[:, 16:80], wide[:, 80:] = (0, 0, 255), (200, 40, 10), (0, 255, 0)
+    Image.fromarray(wide).save(tmp_path / "wide.png")
+    pixels, notes = read_image(tmp_path / "wide.png")
+    assert notes == ["resized from 96x64 to 32x32, centre 64x64 square"]
+    # Lanczos reaches a few source pixels past the box: the outer columns may ring faintly, never show a band.
+    assert np.abs(pixels.astype(int) - [200, 40, 10]).max() <= 16  # 13 at the edge; a band would be 200 off
+    np.testing.assert_array_equal(pixels[:, 3:-3], np.broadcast_to([200, 40, 10], (32, 26, 3)))
+
+
+def test_read_image_converts_a_palette_image_and_follows_its_exif_orientation(tmp_path):
+    picture = np.random.default_rng(0).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    palette = Image.fromarray(picture).quantize(256)
+    palette.save(tmp_path / "palette.png")
+    pixels, notes = read_image(tmp_path / "palette.png")
+    assert notes == ["palette image converted to RGB"]
+    np.testing.assert_array_equal(pixels, np.asarray(palette.convert("RGB")))
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation: the camera was turned, show the picture rotated 90 degrees clockwise
+    Image.fromarray(picture).save(tmp_path / "turned.png", exif=exif)
+    pixels, notes = read_image(tmp_path / "turned.png")
+    np.testing.assert_array_equal(pixels, np.rot90(picture, k=-1))
+    assert notes == []
 
 
 def check_prediction_structure(record):
@@ -350,3 +378,15 @@ def test_evaluate_a_recipe_from_another_version_is_one_clear_error(runs, tmp_pat
     save_portable(newer, tensors, config, {**extra, "train": {**extra["train"], "lookahead_sync": 3}})
     assert evaluate_cli.main(["--checkpoint", str(newer)]) == 1
     assert f"{newer} records a recipe this code cannot read" in capsys.readouterr().err
+
+
+def test_check_parity_on_a_trained_checkpoint_passes_and_writes_its_table(runs, tmp_path, capsys):
+    out = tmp_path / "parity.json"
+    assert check_parity_cli.main(["--checkpoint", str(runs["torch"]), "--images", "32", "--steps", "2",
+                                  "--batch-size", "16", "--json", str(out)]) == 0
+    table = json.loads(out.read_text())
+    assert table["weights"].startswith("portable checkpoint") and table["images"] == 32
+    assert table["checks"] and all(check["passed"] for check in table["checks"])
+    judged = [c["quantity"] for c in table["checks"] if c["tolerance"] is not None]
+    assert "eval logits" in judged and any(q.endswith("after 2 steps, float64") for q in judged), judged
+    assert f"{len(judged)} passed, 0 failed" in capsys.readouterr().out

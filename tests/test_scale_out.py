@@ -194,3 +194,13 @@ def test_the_scaled_batchnorm_biases_are_found_after_the_multi_gpu_conversion():
     assert sorted(names[id(p)] for p in groups[1]["params"]) == sorted(portable.norm_bias_names(preset.model))
     assert groups[1]["lr"] == 64.0 * recipe.learning_rate
     assert len(groups[0]["params"]) + len(groups[1]["params"]) == len(names)
+
+
+@pytest.mark.parametrize("processes", [1, 2, 3, 4])
+def test_the_processes_parts_tile_the_global_batch_in_rank_order(processes):
+    from torch_reference.distributed import World
+
+    batch = np.arange(12)
+    parts = [batch[World(rank, processes).part(len(batch))] for rank in range(processes)]
+    np.testing.assert_array_equal(np.concatenate(parts), batch)
+    assert {len(part) for part in parts} == {len(batch) // processes}
