@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 
 from expert_core.config import CLASS_NAMES
-from expert_core.files import atomic_writer
+from expert_core.files import arrays_checksum, atomic_writer, remove_abandoned_partials
 from data import sources
 from data.errors import DataError
 
 SOURCE_KINDS = ("tarball", "batches", "imagefolder", "tfds")
 # Sources that hold the official pixels; an image folder holds whatever it was written as (JPEG here).
 OFFICIAL_PIXELS = ("tarball", "batches", "tfds")
-CACHE_FORMAT = 1
+CACHE_FORMAT = 2  # 2: the checksum covers names, dtypes and shapes; the fingerprint, paths within the source
 _ARRAYS = ("train_images", "train_labels", "test_images", "test_labels")
 
 
@@ -146,22 +146,23 @@ def _fingerprint(kind: str, location: Path | None) -> str:
                     directories.append(entry.path)
                 else:
                     stat = entry.stat()
-                    digest.update(f"{entry.path}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
-    return digest.hexdigest()
-
-
-def _checksum(arrays: dict[str, np.ndarray]) -> str:
-    digest = hashlib.sha256()
-    for name in _ARRAYS:
-        digest.update(np.ascontiguousarray(arrays[name]).data)
+                    # Relative: the same folder named relatively or absolutely is the same source.
+                    name = os.path.relpath(entry.path, location)
+                    digest.update(f"{name}:{stat.st_size}:{stat.st_mtime_ns}\n".encode())
     return digest.hexdigest()
 
 
 def _write_cache(cache_file: Path, arrays: dict[str, np.ndarray], fingerprint: str) -> None:
-    meta = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "checksum": _checksum(arrays)}
-    cache_file.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_writer(cache_file) as f:
-        np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    """Best effort: the arrays are already in memory, so a full or read-only cache only costs the next load."""
+    meta = {"format": CACHE_FORMAT, "fingerprint": fingerprint, "checksum": arrays_checksum(arrays)}
+    try:
+        cache_file.parent.mkdir(parents=True, exist_ok=True)
+        remove_abandoned_partials(cache_file.parent)  # a killed build leaves a data set's worth behind
+        with atomic_writer(cache_file) as f:
+            np.savez(f, meta=np.frombuffer(json.dumps(meta).encode(), np.uint8), **arrays)
+    except OSError as error:
+        warnings.warn(f"{cache_file}: could not write the cache ({error}); the data set loaded, and the next "
+                      "load will decode the source again. Free space there or set EXPERT_CNN_CACHE.", stacklevel=3)
 
 
 def _read_cache(cache_file: Path, fingerprint: str) -> dict[str, np.ndarray] | None:
@@ -178,7 +179,7 @@ def _read_cache(cache_file: Path, fingerprint: str) -> dict[str, np.ndarray] | N
         if (not isinstance(meta, dict) or meta.get("format") != CACHE_FORMAT
                 or meta.get("fingerprint") != fingerprint):
             problem = "stale (the source changed since it was written)"
-        elif meta.get("checksum") != _checksum(arrays):
+        elif meta.get("checksum") != arrays_checksum(arrays):
             problem = "corrupt (its arrays do not match their checksum)"
         else:
             return arrays

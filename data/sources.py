@@ -43,20 +43,34 @@ def md5_of(path: Path) -> str:
 
 
 def download_tarball(destination: Path) -> None:
-    """Fetch the official archive with a progress bar, into a temporary name first."""
+    """Fetch the official archive with a progress bar into a temporary name, which becomes `destination`
+    only once its md5 is the official one: a cut or altered download never takes the archive's place."""
     from tqdm import tqdm
 
     destination.parent.mkdir(parents=True, exist_ok=True)
-    with urllib.request.urlopen(TARBALL_URL) as response, atomic_writer(destination) as out:
-        total = int(response.headers.get("Content-Length", 0)) or None
-        with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {TARBALL_NAME}") as bar:
-            for chunk in iter(lambda: response.read(1 << 20), b""):
-                out.write(chunk)
-                bar.update(len(chunk))
+    digest = hashlib.md5()
+    try:
+        with urllib.request.urlopen(TARBALL_URL, timeout=60) as response, atomic_writer(destination) as out:
+            total = int(response.headers.get("Content-Length", 0)) or None
+            with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {TARBALL_NAME}") as bar:
+                for chunk in iter(lambda: response.read(1 << 20), b""):
+                    out.write(chunk)
+                    digest.update(chunk)
+                    bar.update(len(chunk))
+            if digest.hexdigest() != TARBALL_MD5:
+                raise DataError(TARBALL_URL, f"the official archive with md5 {TARBALL_MD5}",
+                                f"{out.tell()} bytes with md5 {digest.hexdigest()}", "Run the download again.")
+    except OSError as error:  # urllib's URLError and socket timeouts are OSErrors
+        raise DataError(TARBALL_URL, "the official archive", f"a failed download ({error})",
+                        "Check the network and run again, or download it yourself and set CIFAR10_PATH.") from error
 
 
 def read_tarball(path: Path) -> Splits:
-    found_md5 = md5_of(path)
+    try:
+        found_md5 = md5_of(path)
+    except OSError as error:  # a directory given as source 'tarball', an unreadable file
+        raise DataError(path, "a readable gzip tar archive", f"{type(error).__name__}: {error}",
+                        "Point CIFAR10_PATH (or --data) at the archive file itself.") from error
     if found_md5 != TARBALL_MD5:
         raise DataError(path, f"the official archive with md5 {TARBALL_MD5}", f"md5 {found_md5}",
                         "Delete the file and download it again (load_cifar10(download=True)).")

@@ -1,13 +1,17 @@
-"""Atomic file writes: a reader sees the old file or the new one, never half of one."""
+"""Atomic file writes: a reader sees the old file or the new one, never half of one; and checksums of
+what is written."""
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import secrets
 from pathlib import Path
 from typing import BinaryIO, Iterator
+
+import numpy as np
 
 
 def partial_path(path: Path) -> Path:
@@ -72,3 +76,14 @@ def _fsync_directory(directory: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def arrays_checksum(arrays: dict[str, np.ndarray]) -> str:
+    """sha256 over every array's name, dtype, shape and bytes, in name order: the same bytes in
+    another layout or under another name do not match."""
+    digest = hashlib.sha256()
+    for key in sorted(arrays):
+        value = np.ascontiguousarray(arrays[key])
+        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
+        digest.update(value.reshape(-1).view(np.uint8).data)
+    return digest.hexdigest()

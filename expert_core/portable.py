@@ -19,13 +19,12 @@ Rules, one per kind of tensor (torch leaf -> Flax collection/leaf, layout change
 
 from __future__ import annotations
 
-import hashlib
 import json
 
 import numpy as np
 
 from expert_core.config import ModelConfig, model_config_from_dict, to_dict
-from expert_core.files import atomic_write_bytes
+from expert_core.files import arrays_checksum, atomic_write_bytes
 
 FORMAT = "expert-cnn-portable"
 FORMAT_VERSION = 2  # 2: metadata carries `tensors_sha256`, so damaged tensor bytes never load
@@ -183,18 +182,8 @@ def save_portable(path, tensors: dict[str, np.ndarray], config: ModelConfig, ext
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
                 "model_config": json.dumps(to_dict(config)), "extra": json.dumps(extra or {}),
-                "tensors_sha256": tensors_checksum(tensors)}
+                "tensors_sha256": arrays_checksum(tensors)}
     atomic_write_bytes(path, save(tensors, metadata=metadata))
-
-
-def tensors_checksum(tensors: dict[str, np.ndarray]) -> str:
-    """sha256 over every tensor's name, dtype, shape and bytes, in name order."""
-    digest = hashlib.sha256()
-    for key in sorted(tensors):
-        value = np.ascontiguousarray(tensors[key])
-        digest.update(f"{key}|{value.dtype.str}|{value.shape}|".encode())
-        digest.update(value.reshape(-1).view(np.uint8).data)
-    return digest.hexdigest()
 
 
 def _scalar_fix(key: str, value: np.ndarray) -> np.ndarray:
@@ -216,7 +205,7 @@ def load_portable(path) -> tuple[dict[str, np.ndarray], ModelConfig, dict]:
     if metadata.get("format") != FORMAT or metadata.get("format_version") != str(FORMAT_VERSION):
         raise UnreadableWeightsError(where, f"format {metadata.get('format')!r} version "
                                             f"{metadata.get('format_version')!r}")
-    if metadata.get("tensors_sha256") != tensors_checksum(tensors):
+    if metadata.get("tensors_sha256") != arrays_checksum(tensors):
         raise UnreadableWeightsError(where, "tensor data that does not match the file's checksum (damaged)")
     try:
         config = model_config_from_dict(json.loads(metadata["model_config"]))

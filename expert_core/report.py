@@ -59,11 +59,13 @@ def load_runs(run_dirs) -> list[Run]:
     taken: set[str] = set()
     for run in runs:  # two runs named alike must not overwrite each other's PNGs
         label, slug, copy = run.label, run.slug, 1
-        while slug in taken:  # "a", "a", "a-2": the second "a" is "a-2", so the third becomes "a-2-2"
+        # "a", "a", "a-2": the second "a" is "a-2", so the third becomes "a-2-2". Case-folded: "Seed.png"
+        # and "seed.png" are one file on macOS and Windows.
+        while slug.casefold() in taken:
             copy += 1
             label, slug = f"{run.label} ({copy})", f"{run.slug}-{copy}"
         run.label, run.slug = label, slug
-        taken.add(slug)
+        taken.add(slug.casefold())
     return runs
 
 
@@ -116,7 +118,8 @@ def evaluated_images(run: Run, dataset) -> tuple[np.ndarray | None, str]:
         return None, (f"its {runfiles.EVALUATION_FILE} covers {len(labels)} of the {total} test images but "
                       "does not record which (it predates `test_index`); train it again to get the grid.")
     index = np.arange(total) if index is None else index
-    if index.max(initial=-1) >= total or not np.array_equal(dataset.test_labels[index], labels):
+    in_range = index.min(initial=0) >= 0 and index.max(initial=-1) < total  # a negative index would wrap round
+    if not in_range or not np.array_equal(dataset.test_labels[index], labels):
         recorded = (run.summary or {}).get("data_source", "unknown")
         return None, (f"the loaded test set ({dataset.source}) has other labels at the run's indices than "
                       f"the run evaluated (its data: {recorded}); pass --data pointing at the run's data set.")

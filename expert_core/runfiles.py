@@ -51,7 +51,7 @@ def evaluated_epochs(history: list[dict]) -> list[dict]:
     return [row for row in history if "test_accuracy" in row]
 
 
-def write_json(path: Path, payload: dict) -> None:
+def write_json(path: Path, payload: dict | list) -> None:
     atomic_write_bytes(path, (json.dumps(payload, indent=2) + "\n").encode())
 
 

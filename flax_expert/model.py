@@ -130,12 +130,17 @@ MIN_CHUNK_IMAGES = 4
 
 
 def batch_chunk(n: int, elements_per_image: int) -> int:
-    """Images per chunk: the largest divisor of n within the element budget (or MIN_CHUNK_IMAGES,
-    when more); all n off the CPU."""
+    """Images per chunk within the element budget (or MIN_CHUNK_IMAGES, when more): the largest divisor
+    of n; where that is smaller than MIN_CHUNK_IMAGES (a prime n), as few chunks as the budget allows,
+    as even as can be, the last one padded by `in_batch_chunks`. All n off the CPU."""
     if jax.default_backend() != "cpu":
         return n
-    limit = max(MIN_CHUNK_IMAGES, CPU_CHUNK_ELEMENTS // elements_per_image)
-    return max(d for d in range(1, min(n, limit) + 1) if n % d == 0)
+    limit = min(n, max(MIN_CHUNK_IMAGES, CPU_CHUNK_ELEMENTS // elements_per_image))
+    divisor = max(d for d in range(1, limit + 1) if n % d == 0)
+    if divisor >= min(MIN_CHUNK_IMAGES, n):
+        return divisor
+    chunks = -(-n // limit)
+    return -(-n // chunks)
 
 
 def in_batch_chunks(compute, elements_per_image: int, *batched):
@@ -150,9 +155,12 @@ def in_batch_chunks(compute, elements_per_image: int, *batched):
     chunk = batch_chunk(n, elements_per_image)
     if chunk == n:
         return compute(*batched)
-    chunks = [b.reshape(n // chunk, chunk, *b.shape[1:]) for b in batched]
+    padded = -(-n // chunk) * chunk
+    if padded > n:  # zero images fill the last chunk: each image's result depends on that image alone
+        batched = [jnp.pad(b, [(0, padded - n)] + [(0, 0)] * (b.ndim - 1)) for b in batched]
+    chunks = [b.reshape(padded // chunk, chunk, *b.shape[1:]) for b in batched]
     y = jax.lax.map(lambda args: jax.checkpoint(compute)(*args), chunks)
-    return y.reshape(n, *y.shape[2:])
+    return y.reshape(padded, *y.shape[2:])[:n]
 
 
 def image_elements(x, k: int, c_out: int, own_kernel: bool) -> int:

@@ -13,14 +13,15 @@ float32 whatever precision the run trained in.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from data import DataError, load_cifar10
 from expert_core.flags import refuse_counts_below_one
 from expert_core.report import LOAD_ERRORS
+from expert_core.runfiles import write_json
 from expert_core.training import subset_index
 from flax_expert.train import FlaxBackend
 from parity.convert import EvaluationWeights, canonical_to_torch, load_for_evaluation
@@ -72,8 +73,7 @@ def main(argv=None) -> int:
         results["predictions_differing"] = int((predictions["torch"] != predictions["flax"]).sum())
         print(f"images whose predicted class differs between the frameworks: {results['predictions_differing']}")
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(results, f, indent=2)
+        write_json(Path(args.json), results)
     return 0
 
 

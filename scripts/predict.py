@@ -12,12 +12,13 @@ gets its own error and the others are still classified; the exit status is 1 if 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
+from pathlib import Path
 
 import numpy as np
 
 from expert_core.report import IMAGE_POLICY, LOAD_ERRORS, ReportError, format_record, prediction_record, read_image
+from expert_core.runfiles import write_json
 
 
 def main(argv=None) -> int:
@@ -39,8 +40,7 @@ def main(argv=None) -> int:
         else:
             print(f"error: {record['error']}", file=sys.stderr)
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(records, f, indent=2)
+        write_json(Path(args.json), records)
     return 0 if all(record["ok"] for record in records) else 1
 
 

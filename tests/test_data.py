@@ -7,6 +7,7 @@ import hashlib
 import os
 import pickle
 import tarfile
+import warnings
 
 import numpy as np
 import pytest
@@ -73,8 +74,20 @@ def test_second_load_comes_from_the_cache(batches, cache, monkeypatch):
     calls = []
     monkeypatch.setattr(sources, "read_batches_dir", lambda path: calls.append(path))
     second = load_cifar10(directory, cache_dir=cache)
+    monkeypatch.chdir(directory.parent)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # named relatively, the same folder is the same source: no rebuild
+        load_cifar10(directory.name, cache_dir=cache)
     assert calls == [] and len(list(cache.glob("*.npz"))) == 1
     np.testing.assert_array_equal(first.test_images, second.test_images)
+
+
+def test_a_cache_that_cannot_be_written_warns_and_the_data_still_loads(batches, tmp_path):
+    directory, splits = batches
+    (tmp_path / "a-file").write_text("not a directory")
+    with pytest.warns(UserWarning, match="could not write the cache"):
+        loaded = load_cifar10(directory, cache_dir=tmp_path / "a-file" / "cache")
+    np.testing.assert_array_equal(loaded.test_labels, splits["test"][1])
 
 
 @pytest.mark.parametrize("damage", [b"garbage", b""])
@@ -94,12 +107,12 @@ def test_cache_whose_arrays_were_altered_is_rebuilt(batches, cache):
     cache_file = next(cache.glob("*.npz"))
     with np.load(cache_file) as npz:
         arrays = dict(npz)
-    arrays["test_labels"] = (arrays["test_labels"] + 1) % 10
-    with open(cache_file, "wb") as f:
-        np.savez(f, **arrays)
-    with pytest.warns(UserWarning, match="corrupt"):
-        loaded = load_cifar10(directory, cache_dir=cache)
-    np.testing.assert_array_equal(loaded.test_labels, splits["test"][1])
+    for alter in (lambda a: (a + 1) % 10, lambda a: a.reshape(100, 100)):  # other values; same bytes, other shape
+        with open(cache_file, "wb") as f:
+            np.savez(f, **{**arrays, "test_labels": alter(arrays["test_labels"])})
+        with pytest.warns(UserWarning, match="corrupt"):
+            loaded = load_cifar10(directory, cache_dir=cache)
+        np.testing.assert_array_equal(loaded.test_labels, splits["test"][1])
 
 
 def test_stale_cache_is_rebuilt_and_the_source_left_alone(tmp_path, cache):
@@ -242,6 +255,26 @@ def test_download_fetches_the_archive_into_cifar10_root_and_checks_its_md5(batch
     fetched = tmp_path / "root" / sources.TARBALL_NAME
     assert loaded.source == f"tarball:{fetched}" and fetched.read_bytes() == served.read_bytes()
     np.testing.assert_array_equal(loaded.train_labels, splits["train"][1])
+
+
+def test_a_download_that_is_not_the_official_archive_never_takes_its_place(batches, tmp_path, cache, monkeypatch):
+    directory, _ = batches
+    monkeypatch.delenv("CIFAR10_PATH", raising=False)
+    monkeypatch.delenv("CIFAR10_SOURCE", raising=False)
+    monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "root"))
+    monkeypatch.setattr(sources, "TARBALL_URL", write_tarball(tmp_path / "served.tar.gz", directory).as_uri())
+    with pytest.raises(DataError, match=f"expected the official archive with md5 {sources.TARBALL_MD5}, found "):
+        load_cifar10(cache_dir=cache, download=True)
+    monkeypatch.setattr(sources, "TARBALL_URL", (tmp_path / "nothing-served.tar.gz").as_uri())
+    with pytest.raises(DataError, match="found a failed download .*Check the network"):
+        load_cifar10(cache_dir=cache, download=True)
+    assert list((tmp_path / "root").iterdir()) == []  # no archive, no partial file
+
+
+def test_source_tarball_on_a_directory_is_a_data_error(batches, cache):
+    directory, _ = batches
+    with pytest.raises(DataError, match="expected a readable gzip tar archive, found IsADirectoryError"):
+        load_cifar10(directory, source="tarball", cache_dir=cache)
 
 
 def test_download_with_another_source_asked_for_refuses_instead_of_fetching_the_archive(tmp_path, cache, monkeypatch):

@@ -94,10 +94,12 @@ def _get(tree, path):
 
 
 # MIXED on 16x16 images brings 8,448 elements an image to the stem's chunks (patches and output), 15,684
-# to block 0's and 16,924 to block 1's (their own kernels too): 84,480 fits 10, 5 and 4 images (then 2,
-# the largest divisor of 10); 14,000 fits fewer than the minimum of 4.
-@pytest.mark.parametrize("n, budget, chunks", [(10, 84_480, [10, 5, 2]), (6, 14_000, [3, 3, 3]),
-                                               (7, 14_000, [1, 1, 1]), (6, 10**9, [6, 6, 6])])
+# to block 0's and 16,924 to block 1's (their own kernels too): 84,480 fits 10, 5 and 4 images, and 10's
+# largest divisor up to 4 is 2, below the minimum of 4, so block 1 takes three chunks of 4, the last
+# padded with two zero images. 14,000 fits fewer than the minimum, so 4: 6 images go in two even chunks
+# of 3, 7 (prime) in two of 4.
+@pytest.mark.parametrize("n, budget, chunks", [(10, 84_480, [10, 5, 4]), (6, 14_000, [3, 3, 3]),
+                                               (7, 14_000, [4, 4, 4]), (6, 10**9, [6, 6, 6])])
 def test_merges_computed_in_batch_chunks_equal_the_whole_batch(monkeypatch, n, budget, chunks):
     variables = init(MIXED)
     x = inputs(n)

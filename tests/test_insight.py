@@ -184,6 +184,10 @@ def test_runs_named_alike_never_share_a_figure_name(runs, tmp_path):
     for copy in copies:
         shutil.copytree(runs["flax"], copy)
     assert [run.slug for run in load_runs(copies)] == ["a", "a-2", "a-2-2"]
+    cased = [tmp_path / "u" / "Seed", tmp_path / "v" / "seed"]  # one file name on macOS and Windows
+    for copy in cased:
+        shutil.copytree(runs["flax"], copy)
+    assert [run.slug for run in load_runs(cased)] == ["Seed", "seed-2"]
 
 
 def test_a_class_missing_from_the_test_subset_has_no_mean_attention_rather_than_a_warning():
@@ -215,6 +219,9 @@ def test_grid_needs_to_know_which_test_images_were_evaluated(cifar10):
     images, problem = evaluated_images(fake_run(cifar10.test_labels[:200]), cifar10)
     assert images is None and "does not record which" in problem
     images, problem = evaluated_images(fake_run((cifar10.test_labels[:5] + 1) % 10, np.arange(5)), cifar10)
+    assert images is None and "--data" in problem
+    wrapped = np.array([-1])  # numpy would read the last test image, whose label this one matches
+    images, problem = evaluated_images(fake_run(cifar10.test_labels[wrapped], wrapped), cifar10)
     assert images is None and "--data" in problem
 
 
