@@ -19,6 +19,7 @@ Rules, one per kind of tensor (torch leaf -> Flax collection/leaf, layout change
 
 from __future__ import annotations
 
+import hashlib
 import json
 
 import numpy as np
@@ -27,7 +28,10 @@ from expert_core.config import ModelConfig, model_config_from_dict, to_dict
 from expert_core.files import arrays_checksum, atomic_write_bytes
 
 FORMAT = "expert-cnn-portable"
-FORMAT_VERSION = 2  # 2: metadata carries `tensors_sha256`, so damaged tensor bytes never load
+# 2: metadata carries `tensors_sha256`, so damaged tensor bytes never load; 3: `sha256` covers the model
+# config and the run's record (recipe, temperature) too. Version 2 files still load.
+FORMAT_VERSION = 3
+READABLE_VERSIONS = ("2", "3")
 UNUSED_IN_FLAX = "num_batches_tracked"
 
 
@@ -52,7 +56,8 @@ class PortingError(WeightsError):
 class UnreadableWeightsError(WeightsError):
     """A weights file that cannot be read as such (damaged, or another format): no config to check."""
 
-    def __init__(self, where: str, found: str, expected: str = f"a {FORMAT} file of version {FORMAT_VERSION}"):
+    def __init__(self, where: str, found: str,
+                 expected: str = f"a {FORMAT} file of version {' or '.join(READABLE_VERSIONS)}"):
         super().__init__(f"{where}: expected {expected}, found {found}. Use an undamaged copy, or the version of "
                          "this library that wrote it.")
 
@@ -181,9 +186,17 @@ def save_portable(path, tensors: dict[str, np.ndarray], config: ModelConfig, ext
     check_canonical(tensors, config, "save portable")
     tensors = {k: np.ascontiguousarray(v) for k, v in tensors.items()}
     metadata = {"format": FORMAT, "format_version": str(FORMAT_VERSION),
-                "model_config": json.dumps(to_dict(config)), "extra": json.dumps(extra or {}),
-                "tensors_sha256": arrays_checksum(tensors)}
+                "model_config": json.dumps(to_dict(config)), "extra": json.dumps(extra or {})}
+    metadata["sha256"] = _contents_checksum(tensors, metadata)
     atomic_write_bytes(path, save(tensors, metadata=metadata))
+
+
+def _contents_checksum(tensors: dict[str, np.ndarray], metadata: dict[str, str]) -> str:
+    """Version 3's: the tensors' checksum, the model config and the run's record, each as written."""
+    digest = hashlib.sha256(arrays_checksum(tensors).encode())
+    for key in ("model_config", "extra"):
+        digest.update(b"\0" + metadata.get(key, "").encode())
+    return digest.hexdigest()
 
 
 def _scalar_fix(key: str, value: np.ndarray) -> np.ndarray:
@@ -202,11 +215,13 @@ def load_portable(path) -> tuple[dict[str, np.ndarray], ModelConfig, dict]:
             tensors = {key: _scalar_fix(key, f.get_tensor(key)) for key in f.keys()}
     except (SafetensorError, OSError, ValueError) as error:
         raise UnreadableWeightsError(where, f"an unreadable file ({error})") from error
-    if metadata.get("format") != FORMAT or metadata.get("format_version") != str(FORMAT_VERSION):
-        raise UnreadableWeightsError(where, f"format {metadata.get('format')!r} version "
-                                            f"{metadata.get('format_version')!r}")
-    if metadata.get("tensors_sha256") != arrays_checksum(tensors):
-        raise UnreadableWeightsError(where, "tensor data that does not match the file's checksum (damaged)")
+    version = metadata.get("format_version")
+    if metadata.get("format") != FORMAT or version not in READABLE_VERSIONS:
+        raise UnreadableWeightsError(where, f"format {metadata.get('format')!r} version {version!r}")
+    recorded, found = ((metadata.get("tensors_sha256"), arrays_checksum(tensors)) if version == "2"
+                       else (metadata.get("sha256"), _contents_checksum(tensors, metadata)))
+    if recorded != found:
+        raise UnreadableWeightsError(where, "contents that do not match the file's checksum (damaged)")
     try:
         config = model_config_from_dict(json.loads(metadata["model_config"]))
         extra = json.loads(metadata.get("extra", "{}"))

@@ -1,8 +1,18 @@
-"""Checkpoint files check themselves; a damaged newest one falls back to the previous one."""
+"""Checkpoint files check themselves, a damaged newest one falling back to the previous one; portable
+files check their tensors and metadata."""
 
+import json
+
+import numpy as np
 import pytest
+from safetensors import safe_open
+from safetensors.numpy import save
 
-from expert_core import checkpoints
+from expert_core import checkpoints, portable
+from expert_core.config import get_preset, to_dict
+from expert_core.files import arrays_checksum
+
+TINY = get_preset("tiny").model
 
 
 def write(run_dir, epoch, payload=b"state"):
@@ -46,3 +56,30 @@ def test_damaged_newest_is_reported_and_previous_used(tmp_path, damage):
 
 def test_no_checkpoint_gives_none(tmp_path):
     assert checkpoints.latest_checkpoint(tmp_path) is None
+
+
+def portable_tensors():
+    rng = np.random.default_rng(0)
+    return {key: rng.standard_normal(shape).astype(np.float32) if shape else np.zeros((), np.int64)
+            for key, shape in portable.canonical_shapes(TINY).items()}
+
+
+def test_portable_metadata_edited_after_writing_is_refused(tmp_path):
+    path = tmp_path / "weights.safetensors"
+    portable.save_portable(path, portable_tensors(), TINY, {"temperature": 1.0})
+    with safe_open(str(path), framework="numpy") as f:
+        metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
+    path.write_bytes(save(tensors, metadata={**metadata, "extra": json.dumps({"temperature": 4.0})}))
+    with pytest.raises(portable.UnreadableWeightsError, match="contents that do not match the file's checksum"):
+        portable.load_portable(path)
+
+
+def test_version_2_portable_files_still_load(tmp_path):
+    """Version 2 checked the tensors only; the runs under results/ were written in it."""
+    tensors = portable_tensors()
+    metadata = {"format": portable.FORMAT, "format_version": "2", "model_config": json.dumps(to_dict(TINY)),
+                "extra": json.dumps({"epochs": 3}), "tensors_sha256": arrays_checksum(tensors)}
+    (tmp_path / "v2.safetensors").write_bytes(save(tensors, metadata=metadata))
+    loaded, config, extra = portable.load_portable(tmp_path / "v2.safetensors")
+    assert config == TINY and extra == {"epochs": 3}
+    assert all(np.array_equal(loaded[key], value) for key, value in tensors.items())
