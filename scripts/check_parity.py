@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 from data import DataError, load_cifar10
-from expert_core.config import PRESETS, get_preset
+from expert_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
 from expert_core.flags import refuse_counts_below_one
 from expert_core.report import LOAD_ERRORS
 from expert_core.runfiles import write_json
@@ -25,7 +25,7 @@ from parity.checks import run_all
 from parity.convert import canonical_to_torch, load_for_evaluation
 
 
-def main(argv=None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     model_source = parser.add_mutually_exclusive_group()  # a checkpoint carries its own model config
     model_source.add_argument("--preset", default="seed", choices=sorted(PRESETS),
@@ -38,21 +38,28 @@ def main(argv=None) -> int:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data", help="CIFAR-10 location (default: CIFAR10_PATH)")
     parser.add_argument("--json", help="write the results here as JSON")
+    return parser
+
+
+def model_to_check(args: argparse.Namespace) -> tuple[ModelConfig, TrainConfig, dict | None, str]:
+    """Model config, recipe, PyTorch state dict (None: random init) and a description of the weights."""
+    if args.checkpoint:
+        weights = load_for_evaluation(args.checkpoint)  # its recipe: the one the run trained with
+        return (weights.config, weights.recipe, canonical_to_torch(weights.tensors, weights.config),
+                f"{weights.origin} checkpoint {weights.path}")
+    preset = get_preset(args.preset)
+    return preset.model, preset.train, None, f"random init, preset {args.preset}"
+
+
+def main(argv=None) -> int:
+    parser = build_parser()
     args = parser.parse_args(argv)
     refuse_counts_below_one(parser, args, ("images", "steps", "batch_size"))
     if args.batch_size > args.images:  # the batches are drawn from these images without replacement
         parser.error(f"expected --batch-size of at most the {args.images} test images compared on, found "
                      f"{args.batch_size}; lower --batch-size or raise --images.")
-
     try:
-        if args.checkpoint:
-            weights = load_for_evaluation(args.checkpoint)  # its recipe: the one the run trained with
-            config, recipe = weights.config, weights.recipe
-            state_dict = canonical_to_torch(weights.tensors, config)
-            source = f"{weights.origin} checkpoint {weights.path}"
-        else:
-            config, state_dict, source = get_preset(args.preset).model, None, f"random init, preset {args.preset}"
-            recipe = get_preset(args.preset).train
+        config, recipe, state_dict, source = model_to_check(args)
         dataset = load_cifar10(args.data)
     except (*LOAD_ERRORS, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
