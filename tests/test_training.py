@@ -167,6 +167,16 @@ def test_resume_keeps_the_lookahead_average(framework, tmp_path, monkeypatch):
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
+def test_resume_is_exact_under_the_fast_recipe(framework, tmp_path, monkeypatch):
+    """AdamW, the one-cycle schedule, the whitening stem (drawn once, never again on resume) and
+    test-time views: what the fast preset's runs resume with."""
+    tiny = get_preset("tiny")
+    recipe = dataclasses.replace(get_preset("fast").train, epochs=tiny.train.epochs, batch_size=tiny.train.batch_size)
+    monkeypatch.setitem(PRESETS, "tiny", dataclasses.replace(tiny, train=recipe))
+    test_resume_gives_the_same_run_as_no_interruption(framework, tmp_path)
+
+
+@pytest.mark.parametrize("framework", FRAMEWORKS)
 def test_same_seed_same_losses_and_other_seed_differs(framework, tmp_path):
     twenty_steps = ["--epochs", "1", "--max-train-examples", "640"]
     first = train(framework, tmp_path / "a", *twenty_steps)
