@@ -24,22 +24,16 @@ from expert_core.report import LOAD_ERRORS
 from expert_core.runfiles import write_json
 from expert_core.training import subset_index
 from flax_expert.train import FlaxBackend
-from parity.convert import EvaluationWeights, canonical_to_torch, load_for_evaluation
+from parity.convert import EvaluationWeights, load_for_evaluation
 from torch_reference.train import TorchBackend
 
 
-def predict_torch(weights: EvaluationWeights, images) -> np.ndarray:
-    backend = TorchBackend(weights.config, weights.recipe, steps_per_epoch=1, seed=0, device="cpu")
-    backend.model.load_state_dict(canonical_to_torch(weights.tensors, weights.config))
+BACKENDS = {"torch": TorchBackend, "flax": FlaxBackend}
+
+
+def predict(framework: str, weights: EvaluationWeights, images) -> np.ndarray:
+    backend = BACKENDS[framework].from_canonical(weights.tensors, weights.config, weights.recipe)
     return backend.predict(images, weights.temperature, weights.recipe.test_time_translate).logits
-
-
-def predict_flax(weights: EvaluationWeights, images) -> np.ndarray:
-    return FlaxBackend.from_canonical(weights.tensors, weights.config, weights.recipe).predict(
-        images, weights.temperature, weights.recipe.test_time_translate).logits
-
-
-PREDICTORS = {"torch": predict_torch, "flax": predict_flax}
 
 
 def main(argv=None) -> int:
@@ -64,7 +58,7 @@ def main(argv=None) -> int:
     frameworks = ("torch", "flax") if args.framework == "both" else (args.framework,)
     results, predictions = {"checkpoint": args.checkpoint, "written_by": weights.origin}, {}
     for framework in frameworks:
-        predictions[framework] = PREDICTORS[framework](weights, images).argmax(1)
+        predictions[framework] = predict(framework, weights, images).argmax(1)
         correct = int((predictions[framework] == labels).sum())
         results[framework] = {"correct": correct, "test_accuracy": 100 * correct / len(labels)}
         print(f"{weights.origin} checkpoint evaluated by {framework}: {correct} / {len(labels)} "

@@ -247,19 +247,13 @@ def test_the_checks_fail_when_one_flax_expert_kernel_is_off_by_a_part_in_a_thous
 def test_test_time_flip_averages_each_image_with_its_mirror(framework):
     torch.manual_seed(0)
     tensors = torch_to_canonical(TorchExpertCNN(SMALL).state_dict(), SMALL)
-    flipping, plain = (backend_with(framework, tensors, TrainConfig(test_time_flip=flip)) for flip in (True, False))
+    backend_class = {"torch": TorchBackend, "flax": FlaxBackend}[framework]
+    flipping, plain = (backend_class.from_canonical(tensors, SMALL, TrainConfig(test_time_flip=flip))
+                       for flip in (True, False))
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     single, mirrored = (plain.predict(view, 2.0).logits for view in (images, np.ascontiguousarray(images[:, :, ::-1])))
     np.testing.assert_allclose(flipping.predict(images, 2.0).logits, (single + mirrored) / 2, rtol=1e-5, atol=1e-6)
     assert np.abs(mirrored - single).max() > 1e-3  # the mirror is another view, so the average is not a no-op
-
-
-def backend_with(framework: str, tensors: dict, recipe: TrainConfig):
-    if framework == "flax":
-        return FlaxBackend.from_canonical(tensors, SMALL, recipe)
-    backend = TorchBackend(SMALL, recipe, steps_per_epoch=1, seed=0, device="cpu")
-    backend.model.load_state_dict(canonical_to_torch(tensors, SMALL))
-    return backend
 
 
 def test_test_time_views_are_the_weighted_shifted_predictions_in_both_frameworks():

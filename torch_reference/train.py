@@ -133,6 +133,14 @@ class TorchBackend:
         self.optimizer, self.scheduler = make_optimizer(self.model, train_config, steps_per_epoch)
         self.lookahead = Lookahead(self.model, train_config, steps_per_epoch) if train_config.lookahead_period else None
 
+    @classmethod
+    def from_canonical(cls, tensors: dict[str, np.ndarray], model_config: ModelConfig,
+                       train_config: TrainConfig | None = None, device: str = "cpu") -> "TorchBackend":
+        """A backend holding canonical weights (from either framework's checkpoint), to evaluate them."""
+        backend = cls(model_config, train_config or TrainConfig(), steps_per_epoch=1, seed=0, device=device)
+        backend.model.load_state_dict(canonical_to_torch(tensors, model_config))  # all of them, not a few
+        return backend
+
     def versions(self) -> dict[str, str]:
         return {"torch": torch.__version__, "numpy": np.__version__}
 
