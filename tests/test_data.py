@@ -212,6 +212,13 @@ def test_wrong_counts_are_reported_per_class(tmp_path, cache):
     assert not list(cache.glob("*.npz"))  # nothing bad is cached
 
 
+def only_the_data_root(monkeypatch, root):
+    """The loader sees no CIFAR10_PATH or CIFAR10_SOURCE, only `root` as CIFAR10_ROOT."""
+    monkeypatch.delenv("CIFAR10_PATH", raising=False)
+    monkeypatch.delenv("CIFAR10_SOURCE", raising=False)
+    monkeypatch.setenv("CIFAR10_ROOT", str(root))
+
+
 def test_missing_directory(tmp_path, cache):
     with pytest.raises(DataError) as error:
         load_cifar10(tmp_path / "nowhere", cache_dir=cache)
@@ -225,18 +232,14 @@ def test_argument_wins_over_environment(batches, tmp_path, cache, monkeypatch):
 
 
 def test_no_source_and_no_download_says_what_to_do(tmp_path, cache, monkeypatch):
-    monkeypatch.delenv("CIFAR10_PATH", raising=False)
-    monkeypatch.delenv("CIFAR10_SOURCE", raising=False)
-    monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "empty"))
+    only_the_data_root(monkeypatch, tmp_path / "empty")
     with pytest.raises(DataError, match="CIFAR10_PATH.*--download"):
         load_cifar10(cache_dir=cache)
 
 
 def test_a_copy_in_cifar10_root_is_found_without_any_path(batches, cache, monkeypatch):
     directory, splits = batches
-    monkeypatch.delenv("CIFAR10_PATH", raising=False)
-    monkeypatch.delenv("CIFAR10_SOURCE", raising=False)
-    monkeypatch.setenv("CIFAR10_ROOT", str(directory.parent))
+    only_the_data_root(monkeypatch, directory.parent)
     loaded = load_cifar10(cache_dir=cache)
     assert loaded.source == f"batches:{directory}"
     np.testing.assert_array_equal(loaded.test_labels, splits["test"][1])
@@ -248,9 +251,7 @@ def test_download_fetches_the_archive_into_cifar10_root_and_checks_its_md5(batch
     served = write_tarball(tmp_path / "served.tar.gz", directory)
     monkeypatch.setattr(sources, "TARBALL_URL", served.as_uri())
     monkeypatch.setattr(sources, "TARBALL_MD5", hashlib.md5(served.read_bytes()).hexdigest())
-    monkeypatch.delenv("CIFAR10_PATH", raising=False)
-    monkeypatch.delenv("CIFAR10_SOURCE", raising=False)
-    monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "root"))
+    only_the_data_root(monkeypatch, tmp_path / "root")
     loaded = load_cifar10(cache_dir=cache, download=True)
     fetched = tmp_path / "root" / sources.TARBALL_NAME
     assert loaded.source == f"tarball:{fetched}" and fetched.read_bytes() == served.read_bytes()
@@ -259,9 +260,7 @@ def test_download_fetches_the_archive_into_cifar10_root_and_checks_its_md5(batch
 
 def test_a_download_that_is_not_the_official_archive_never_takes_its_place(batches, tmp_path, cache, monkeypatch):
     directory, _ = batches
-    monkeypatch.delenv("CIFAR10_PATH", raising=False)
-    monkeypatch.delenv("CIFAR10_SOURCE", raising=False)
-    monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "root"))
+    only_the_data_root(monkeypatch, tmp_path / "root")
     monkeypatch.setattr(sources, "TARBALL_URL", write_tarball(tmp_path / "served.tar.gz", directory).as_uri())
     with pytest.raises(DataError, match=f"expected the official archive with md5 {sources.TARBALL_MD5}, found "):
         load_cifar10(cache_dir=cache, download=True)
@@ -278,8 +277,7 @@ def test_source_tarball_on_a_directory_is_a_data_error(batches, cache):
 
 
 def test_download_with_another_source_asked_for_refuses_instead_of_fetching_the_archive(tmp_path, cache, monkeypatch):
-    monkeypatch.delenv("CIFAR10_PATH", raising=False)
-    monkeypatch.setenv("CIFAR10_ROOT", str(tmp_path / "empty"))
+    only_the_data_root(monkeypatch, tmp_path / "empty")
     with pytest.raises(DataError, match="'batches' source asked for, found no copy of it"):
         load_cifar10(source="batches", cache_dir=cache, download=True)
 
