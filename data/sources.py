@@ -7,6 +7,7 @@ what was found and what to do; none of them writes to the user's source files.
 from __future__ import annotations
 
 import hashlib
+import http.client
 import io
 import pickle
 import tarfile
@@ -47,9 +48,9 @@ def download_tarball(destination: Path) -> None:
     only once its md5 is the official one: a cut or altered download never takes the archive's place."""
     from tqdm import tqdm
 
-    destination.parent.mkdir(parents=True, exist_ok=True)
     digest = hashlib.md5()
     try:
+        destination.parent.mkdir(parents=True, exist_ok=True)
         with urllib.request.urlopen(TARBALL_URL, timeout=60) as response, atomic_writer(destination) as out:
             total = int(response.headers.get("Content-Length", 0)) or None
             with tqdm(total=total, unit="B", unit_scale=True, desc=f"downloading {TARBALL_NAME}") as bar:
@@ -59,10 +60,12 @@ def download_tarball(destination: Path) -> None:
                     bar.update(len(chunk))
             if digest.hexdigest() != TARBALL_MD5:
                 raise DataError(TARBALL_URL, f"the official archive with md5 {TARBALL_MD5}",
-                                f"{out.tell()} bytes with md5 {digest.hexdigest()}", "Run the download again.")
-    except OSError as error:  # urllib's URLError and socket timeouts are OSErrors
-        raise DataError(TARBALL_URL, "the official archive", f"a failed download ({error})",
-                        "Check the network and run again, or download it yourself and set CIFAR10_PATH.") from error
+                                f"{out.tell()} bytes with md5 {digest.hexdigest()}", "Run the download again; if it repeats, download it yourself and set CIFAR10_PATH.")
+    # OSError: urllib's URLError, socket timeouts and a full or read-only disk; HTTPException: a cut response.
+    except (OSError, http.client.HTTPException) as error:
+        raise DataError(TARBALL_URL, "the official archive", f"a failed download or write ({error!r})",
+                        f"Check the network and that {destination.parent} is writable with space to spare, then run "
+                        "again, or download it yourself and set CIFAR10_PATH.") from error
 
 
 def read_tarball(path: Path) -> Splits:

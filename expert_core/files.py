@@ -8,6 +8,7 @@ import hashlib
 import os
 import re
 import secrets
+import socket
 from pathlib import Path
 from typing import BinaryIO, Iterator
 
@@ -22,16 +23,21 @@ def partial_path(path: Path) -> Path:
     rename fails. With a name per writer, each renames its own complete file and the last one wins.
     """
     path = Path(path)
-    return path.with_name(f"{path.name}.{os.getpid()}-{secrets.token_hex(4)}.partial")
+    return path.with_name(f"{path.name}.{_host_tag()}-{os.getpid()}-{secrets.token_hex(4)}.partial")
+
+
+def _host_tag() -> str:
+    # A process id means something on its own host only, and a cache folder may be shared (NFS).
+    return hashlib.sha256(socket.gethostname().encode()).hexdigest()[:8]
 
 
 def remove_abandoned_partials(directory: Path) -> list[Path]:
     """Delete the temporary files of writers on this host that died mid-write (kill -9 leaves them);
-    a live writer's stay. Returns the files removed."""
+    a live writer's stay, and so do other hosts' files. Returns the files removed."""
     removed = []
     for path in sorted(Path(directory).glob("*.partial")):
-        writer = re.fullmatch(r".+\.(\d+)-[0-9a-f]{8}\.partial", path.name)
-        if writer and not _process_alive(int(writer.group(1))):
+        writer = re.fullmatch(r".+\.([0-9a-f]{8})-(\d+)-[0-9a-f]{8}\.partial", path.name)
+        if writer and writer.group(1) == _host_tag() and not _process_alive(int(writer.group(2))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed
@@ -80,7 +86,8 @@ def _fsync_directory(directory: Path) -> None:
 
 def arrays_checksum(arrays: dict[str, np.ndarray]) -> str:
     """sha256 over every array's name, dtype, shape and bytes, in name order: the same bytes in
-    another layout or under another name do not match."""
+    another layout or under another name do not match. A 0-d array hashes as shape (1,), which
+    np.ascontiguousarray makes of it; portable files written that way must keep loading."""
     digest = hashlib.sha256()
     for key in sorted(arrays):
         value = np.ascontiguousarray(arrays[key])

@@ -31,7 +31,7 @@ FORMAT = "expert-cnn-portable"
 # 2: metadata carries `tensors_sha256`, so damaged tensor bytes never load; 3: `sha256` covers the model
 # config and the run's record (recipe, temperature) too. Version 2 files still load.
 FORMAT_VERSION = 3
-READABLE_VERSIONS = ("2", "3")
+READABLE_VERSIONS = ("2", str(FORMAT_VERSION))  # the checksum check below knows these two
 UNUSED_IN_FLAX = "num_batches_tracked"
 
 

@@ -205,11 +205,11 @@ def effective_cap(requested: int | None, available: int) -> int | None:
     return None if requested is None or requested >= available else requested
 
 
-def check_batch_divides(batch_size: int, parts: int, unit: str, alternative: str = "") -> None:
+def check_batch_divides(batch_size: int, parts: int, unit: str, other_fix: str = "") -> None:
     """The global batch splits into equal shares, one per device or process."""
     if batch_size % parts:
         raise TrainingError(f"expected a global batch size divisible by the {parts} {unit}, found {batch_size}; "
-                            f"pass a --batch-size that is a multiple of {parts}{alternative}.")
+                            f"pass a --batch-size that is a multiple of {parts}{other_fix}.")
 
 
 def count_steps_per_epoch(train_images: int, batch_size: int) -> int:
@@ -286,7 +286,12 @@ def subset_index(n: int, limit: int | None) -> np.ndarray:
 
 
 def refuse_a_used_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
-    if run_dir.is_dir() and any(run_dir.iterdir()) and not (resume or overwrite):
+    try:
+        used = run_dir.is_dir() and any(run_dir.iterdir())
+    except OSError as error:
+        raise TrainingError(f"could not list the run directory {run_dir} ({error}); make it readable or pass "
+                            "--out another directory.") from error
+    if used and not (resume or overwrite):
         raise TrainingError(f"{run_dir} is not empty; pass --resume to continue that run or --overwrite "
                             "to delete it and start again.")
 

@@ -131,16 +131,18 @@ MIN_CHUNK_IMAGES = 4
 
 def batch_chunk(n: int, elements_per_image: int) -> int:
     """Images per chunk within the element budget (or MIN_CHUNK_IMAGES, when more): the largest divisor
-    of n; where that is smaller than MIN_CHUNK_IMAGES (a prime n), as few chunks as the budget allows,
-    as even as can be, the last one padded by `in_batch_chunks`. All n off the CPU."""
+    of n, so that no chunk needs padding; unless that divisor is below MIN_CHUNK_IMAGES (n = 7, 10) or
+    needs over twice the chunks the budget does (n = 4 x 37 under a budget of 20 images: 37 chunks of
+    4). Then as few chunks as the budget allows, as even as can be, the last one padded by
+    `in_batch_chunks`. All n off the CPU."""
     if jax.default_backend() != "cpu":
         return n
     limit = min(n, max(MIN_CHUNK_IMAGES, CPU_CHUNK_ELEMENTS // elements_per_image))
     divisor = max(d for d in range(1, limit + 1) if n % d == 0)
-    if divisor >= min(MIN_CHUNK_IMAGES, n):
+    fewest_chunks = -(-n // limit)
+    if divisor >= min(MIN_CHUNK_IMAGES, n) and n // divisor <= 2 * fewest_chunks:
         return divisor
-    chunks = -(-n // limit)
-    return -(-n // chunks)
+    return -(-n // fewest_chunks)
 
 
 def in_batch_chunks(compute, elements_per_image: int, *batched):

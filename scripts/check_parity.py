@@ -22,7 +22,8 @@ from expert_core.flags import refuse_counts_below_one
 from expert_core.report import LOAD_ERRORS
 from expert_core.runfiles import write_json
 from parity.checks import run_all
-from parity.convert import canonical_to_torch, load_for_evaluation
+from parity.convert import load_for_evaluation
+from torch_reference.model import canonical_to_torch
 
 
 def build_parser() -> argparse.ArgumentParser:

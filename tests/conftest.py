@@ -51,14 +51,14 @@ def _no_download():
 
     download = sources.download_tarball
 
-    def refuse_the_network(destination):
+    def download_from_local_files_only(destination):
         if sources.TARBALL_URL.startswith("file:"):
             return download(destination)
         raise RuntimeError(f"tests must not touch the network (download of {sources.TARBALL_URL} "
                            f"to {destination} was requested)")
 
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(sources, "download_tarball", refuse_the_network)
+        patch.setattr(sources, "download_tarball", download_from_local_files_only)
         yield
 
 

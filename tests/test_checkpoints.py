@@ -12,6 +12,8 @@ from expert_core import checkpoints, portable
 from expert_core.config import get_preset, to_dict
 from expert_core.files import arrays_checksum
 
+from model_configs import random_canonical_tensors
+
 TINY = get_preset("tiny").model
 
 
@@ -58,15 +60,9 @@ def test_no_checkpoint_gives_none(tmp_path):
     assert checkpoints.latest_checkpoint(tmp_path) is None
 
 
-def portable_tensors():
-    rng = np.random.default_rng(0)
-    return {key: rng.standard_normal(shape).astype(np.float32) if shape else np.zeros((), np.int64)
-            for key, shape in portable.canonical_shapes(TINY).items()}
-
-
 def test_portable_metadata_edited_after_writing_is_refused(tmp_path):
     path = tmp_path / "weights.safetensors"
-    portable.save_portable(path, portable_tensors(), TINY, {"temperature": 1.0})
+    portable.save_portable(path, random_canonical_tensors(TINY), TINY, {"temperature": 1.0})
     with safe_open(str(path), framework="numpy") as f:
         metadata, tensors = f.metadata(), {key: f.get_tensor(key) for key in f.keys()}
     path.write_bytes(save(tensors, metadata={**metadata, "extra": json.dumps({"temperature": 4.0})}))
@@ -76,7 +72,7 @@ def test_portable_metadata_edited_after_writing_is_refused(tmp_path):
 
 def test_version_2_portable_files_still_load(tmp_path):
     """Version 2 checked the tensors only; the runs under results/ were written in it."""
-    tensors = portable_tensors()
+    tensors = random_canonical_tensors(TINY)
     metadata = {"format": portable.FORMAT, "format_version": "2", "model_config": json.dumps(to_dict(TINY)),
                 "extra": json.dumps({"epochs": 3}), "tensors_sha256": arrays_checksum(tensors)}
     (tmp_path / "v2.safetensors").write_bytes(save(tensors, metadata=metadata))

@@ -265,9 +265,18 @@ def test_a_download_that_is_not_the_official_archive_never_takes_its_place(batch
     with pytest.raises(DataError, match=f"expected the official archive with md5 {sources.TARBALL_MD5}, found "):
         load_cifar10(cache_dir=cache, download=True)
     monkeypatch.setattr(sources, "TARBALL_URL", (tmp_path / "nothing-served.tar.gz").as_uri())
-    with pytest.raises(DataError, match="found a failed download .*Check the network"):
+    with pytest.raises(DataError, match="found a failed download or write .*Check the network"):
         load_cifar10(cache_dir=cache, download=True)
     assert list((tmp_path / "root").iterdir()) == []  # no archive, no partial file
+
+
+def test_a_download_into_a_root_that_cannot_be_a_folder_is_a_data_error(batches, tmp_path, cache, monkeypatch):
+    directory, _ = batches
+    (tmp_path / "root").write_text("a file where the data folder should be")
+    only_the_data_root(monkeypatch, tmp_path / "root")
+    monkeypatch.setattr(sources, "TARBALL_URL", write_tarball(tmp_path / "served.tar.gz", directory).as_uri())
+    with pytest.raises(DataError, match=f"write .*that {tmp_path / 'root'} is writable"):
+        load_cifar10(cache_dir=cache, download=True)
 
 
 def test_source_tarball_on_a_directory_is_a_data_error(batches, cache):

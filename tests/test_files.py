@@ -32,12 +32,15 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["summary.json"]
 
 
-def test_only_the_temporaries_of_dead_writers_are_removed(tmp_path):
-    dead = tmp_path / "checkpoint-00001.ckpt.4194305-0badc0de.partial"  # above Linux's largest pid
+def test_only_the_temporaries_of_dead_writers_on_this_host_are_removed(tmp_path):
     live = partial_path(tmp_path / "checkpoint-00002.ckpt")  # this process's own
+    host = live.name.split(".")[-2].split("-")[0]
+    dead = tmp_path / f"checkpoint-00001.ckpt.{host}-4194305-0badc0de.partial"  # above Linux's largest pid
+    another_host = "00000000" if host != "00000000" else "11111111"
+    other_host = tmp_path / f"cache.npz.{another_host}-4194305-0badc0de.partial"
     unrelated = tmp_path / "notes.partial"
-    for path in (dead, live, unrelated):
+    for path in (dead, live, other_host, unrelated):
         path.write_bytes(b"half")
-    assert live.name.startswith(f"checkpoint-00002.ckpt.{os.getpid()}-")
+    assert live.name.startswith(f"checkpoint-00002.ckpt.{host}-{os.getpid()}-")
     assert remove_abandoned_partials(tmp_path) == [dead]
-    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, unrelated.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([live.name, other_host.name, unrelated.name])

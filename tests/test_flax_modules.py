@@ -124,6 +124,13 @@ def test_merges_computed_in_batch_chunks_equal_the_whole_batch(monkeypatch, n, b
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
 
+def test_chunks_divide_the_batch_unless_that_takes_too_many(monkeypatch):
+    monkeypatch.setattr(flax_model, "CPU_CHUNK_ELEMENTS", 20 * 1000)  # 20 images of 1000 elements
+    assert batch_chunk(128, 1000) == 16  # 8 even chunks against the budget's 7
+    assert batch_chunk(148, 1000) == 19  # 8 chunks, the last padded, not 37 even chunks of 4
+    assert batch_chunk(3, 10**6) == 3  # fewer images than the minimum: one chunk
+
+
 def test_unknown_merge_is_refused():
     with pytest.raises(ValueError, match="merge must be one of"):
         init(MIXED, merge="fused")

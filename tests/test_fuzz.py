@@ -22,6 +22,8 @@ from data import DataError, cifar10, sources
 from expert_core import checkpoints, portable
 from expert_core.config import get_preset
 
+from model_configs import random_canonical_tensors
+
 FUZZ = settings(max_examples=150, derandomize=True, database=None, deadline=timedelta(seconds=10),
                 suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
 TINY = get_preset("tiny").model
@@ -55,9 +57,7 @@ def checkpoint_bytes(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def portable_file(tmp_path_factory):
-    rng = np.random.default_rng(0)
-    tensors = {key: rng.standard_normal(shape).astype(np.float32) if shape else np.zeros((), np.int64)
-               for key, shape in portable.canonical_shapes(TINY).items()}
+    tensors = random_canonical_tensors(TINY)
     portable_path = tmp_path_factory.mktemp("portable") / "weights.safetensors"
     portable.save_portable(portable_path, tensors, TINY, {"epochs": 1})
     return {"tensors": tensors, "portable": portable_path.read_bytes()}

@@ -19,9 +19,11 @@ from flax_expert.model import to_model_input as flax_to_model_input
 from flax_expert.train import FlaxBackend
 from parity.checks import (GRADIENT_TOLERANCE, Pair, eval_checks, gradient_checks, optimizer_checks, parity_batches,
                            run_all, train_mode_checks, trajectory_checks)
-from parity.convert import canonical_to_torch, port_flax_to_torch, port_torch_to_flax, torch_to_canonical
+from parity.convert import port_flax_to_torch, port_torch_to_flax
 from scripts_as_modules import load_script
+from test_training import backend_factory
 from torch_reference.model import ExpertCNN as TorchExpertCNN
+from torch_reference.model import canonical_to_torch, torch_to_canonical
 from torch_reference.model import to_model_input as torch_to_model_input
 from torch_reference import train as torch_train
 from torch_reference.train import TorchBackend
@@ -247,8 +249,7 @@ def test_the_checks_fail_when_one_flax_expert_kernel_is_off_by_a_part_in_a_thous
 def test_test_time_flip_averages_each_image_with_its_mirror(framework):
     torch.manual_seed(0)
     tensors = torch_to_canonical(TorchExpertCNN(SMALL).state_dict(), SMALL)
-    backend_class = {"torch": TorchBackend, "flax": FlaxBackend}[framework]
-    flipping, plain = (backend_class.from_canonical(tensors, SMALL, TrainConfig(test_time_flip=flip))
+    flipping, plain = (backend_factory(framework).from_canonical(tensors, SMALL, TrainConfig(test_time_flip=flip))
                        for flip in (True, False))
     images = np.random.default_rng(0).integers(0, 256, (8, 32, 32, 3), dtype=np.uint8)
     single, mirrored = (plain.predict(view, 2.0).logits for view in (images, np.ascontiguousarray(images[:, :, ::-1])))

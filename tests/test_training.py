@@ -67,7 +67,7 @@ def assert_last_epoch_metrics_match_the_saved_evaluation(row, saved, summary):
     assert row["test_accuracy"] == pytest.approx(accuracy) and summary["test_accuracy"] == pytest.approx(accuracy)
     for b, attention in enumerate(saved["attention"]):
         np.testing.assert_allclose(row["expert_usage"][b], attention.mean(0), atol=1e-6)
-        entropy = -(attention * np.log(attention)).sum(1).mean()
+        entropy = -(attention * np.log(np.maximum(attention, 1e-12))).sum(1).mean()  # 0 log 0 = 0
         assert row["attention_entropy"][b] == pytest.approx(entropy, rel=1e-5)
 
 
@@ -234,6 +234,9 @@ def test_main_reports_missing_data_and_a_missing_gpu_as_messages(tmp_path, capsy
     (tmp_path / "a-file").write_text("not a directory")
     assert main(TorchBackend, "torch", [*SHORT, "--out", str(tmp_path / "a-file"), "--epochs", "1"]) == 1
     assert "could not write the run directory in" in capsys.readouterr().err
+    too_long = tmp_path / ("x" * 300)  # listing it raises ENAMETOOLONG, an OSError, even as root
+    assert main(TorchBackend, "torch", [*SHORT, "--out", str(too_long), "--epochs", "1"]) == 1
+    assert "could not list the run directory" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
