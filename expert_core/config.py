@@ -50,8 +50,14 @@ DEFAULT_MERGE = "auto"
 # built, used and differentiated whatever the image's size; on 4x4 images it outweighs the K-fold
 # FLOPs of one dense conv shared by the batch. 256 -> 256 channels, batch 128, forward + backward on
 # the 2-core AMD EPYC: 4x4, aggregated / stacked 285 / 63 ms (PyTorch) and 111 / 91 ms (Flax);
-# 8x8, 253 / 250 ms (PyTorch) and 190 / 524 ms (Flax).
+# 8x8, 253 / 250 ms (PyTorch, another day: 311-323 / 256) and 190 / 524 ms (Flax).
 AGGREGATE_MIN_PIXELS = 64
+# PyTorch also weighs the output channels (the kernel's size against the image's). oneDNN's dense 3x3 convolutions run a reduced-multiply (Winograd-class) algorithm that
+# a per-image kernel cannot use. 256 -> 256 channels on 8x8 images, batch 128, forward + backward:
+# one dense conv did its direct multiply-adds at 364 GFLOP/s, against 245 for numpy's 2048^2 matmul;
+# stacked 256 ms, aggregated 311-323 ms. 64 -> 128 on 8x8 (the seed's third block): stacked 35 ms,
+# aggregated 29. So PyTorch aggregates only up to this many output channels per pixel.
+TORCH_AGGREGATE_MAX_CHANNELS_PER_PIXEL = 2
 # Elements per image (its input or patches, output and own kernel) that one chunk of a chunked
 # convolution takes at a time on the CPU, in either framework: about 6 MB of float32, which stays in
 # cache where the whole batch's tensors stream through memory (README "Speed" has the figures).
@@ -67,11 +73,19 @@ def check_merge(merge: str) -> str:
     return merge
 
 
-def block_merge(merge: str, height: int, width: int) -> str:
-    """The merge computation a block runs on height x width images: `merge`, with "auto" resolved."""
+def block_merge(merge: str, height: int, width: int, out_channels: int, framework: str) -> str:
+    """The merge computation a block of `framework` ("flax" or "torch") runs on height x width images
+    with `out_channels`: `merge`, with "auto" resolved."""
+    if framework not in ("flax", "torch"):
+        raise ValueError(f"framework must be 'flax' or 'torch', got {framework!r}.")
     if merge != "auto":
         return merge
-    return "aggregated" if height * width >= AGGREGATE_MIN_PIXELS else "stacked"
+    pixels = height * width
+    if pixels < AGGREGATE_MIN_PIXELS:
+        return "stacked"
+    if framework == "torch" and out_channels > TORCH_AGGREGATE_MAX_CHANNELS_PER_PIXEL * pixels:
+        return "stacked"
+    return "aggregated"
 
 
 # "bfloat16": the expert convolutions compute in bf16 from float32 parameters; BatchNorm, the expert

@@ -280,7 +280,7 @@ class ExpertBlock(nn.Module):
         attention = ExpertBranch(self.config, name="expert")(x, temperature)
         kernels = self.param("kernels", expert_kernels_init,
                              (self.config.num_experts, k, k, x.shape[-1], self.block.out_channels))
-        merge = MERGES[block_merge(self.merge, *x.shape[1:3])]
+        merge = MERGES[block_merge(self.merge, *x.shape[1:3], self.block.out_channels, "flax")]
         y = in_dtype(merge, self.compute_dtype, x, kernels, attention)
         y = BatchNorm(self.config.bn_momentum, self.config.bn_eps, name="bn")(y, train)
         if self.block.residual:

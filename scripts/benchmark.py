@@ -168,7 +168,7 @@ def torch_merge_seconds(config: ModelConfig, merge: str, precision: str, batch: 
         x, kernels, attention, cotangent = (torch.randn(s, generator=generator).to(device, getattr(torch, precision))
                                             for s in shapes)
         operands = [x.requires_grad_(), kernels.requires_grad_(), torch.softmax(attention, 1).requires_grad_()]
-        blocks.append((MERGES[block_merge(merge, h, w)], operands, cotangent))
+        blocks.append((MERGES[block_merge(merge, h, w, c_out, "torch")], operands, cotangent))
 
     def forward_backward():
         for fn, operands, cotangent in blocks:
@@ -221,7 +221,7 @@ def flax_merge_seconds(config: ModelConfig, merge: str, precision: str, batch: i
         shapes = ((n, h, w, c_in), (config.num_experts, k, k, c_in, c_out), (n, config.num_experts), (n, h, w, c_out))
         key, *parts = jax.random.split(key, 5)
         x, kernels, attention, cotangent = (jax.random.normal(part, s, precision) for part, s in zip(parts, shapes))
-        merges.append(MERGES[block_merge(merge, h, w)])
+        merges.append(MERGES[block_merge(merge, h, w, c_out, "flax")])
         blocks.append(((x, kernels, jax.nn.softmax(attention)), cotangent))
     blocks = jax.device_put(blocks, sharding)
 

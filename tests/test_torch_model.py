@@ -8,7 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig, TrainConfig
+from expert_core.config import (CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig, TrainConfig,
+                                block_merge)
 from expert_core.training import TrainingError
 from torch_reference import model as torch_model
 from torch_reference.model import ExpertCNN, to_model_input
@@ -86,6 +87,19 @@ def test_auto_merge_aggregates_8x8_images_and_stacks_4x4_ones(record_merges):
     seen = record_merges(torch_model)
     logits, _, grads, _ = run_merge(model, "auto", x, train=True)
     assert seen == ["aggregated", "stacked"]
+    torch.testing.assert_close(logits, reference[0], rtol=1e-5, atol=1e-5)
+    for name, grad in grads.items():
+        assert max_relative_difference(reference[2][name], grad) <= 1e-5, f"gradient of {name}"
+
+
+def test_auto_merge_in_pytorch_stacks_blocks_with_over_two_output_channels_a_pixel(record_merges):
+    config = ModelConfig(stem_channels=4, blocks=(BlockConfig(129, pool=False), BlockConfig(128)), num_experts=2)
+    model, x = make_model(config), make_input(n=2, size=8)  # 64 pixels: 129 channels stack, 128 aggregate
+    reference = run_merge(model, "branches", x, train=True)
+    seen = record_merges(torch_model)
+    logits, _, grads, _ = run_merge(model, "auto", x, train=True)
+    assert seen == ["stacked", "aggregated"]
+    assert block_merge("auto", 8, 8, 129, "flax") == "aggregated"  # XLA's dense convs gain nothing there
     torch.testing.assert_close(logits, reference[0], rtol=1e-5, atol=1e-5)
     for name, grad in grads.items():
         assert max_relative_difference(reference[2][name], grad) <= 1e-5, f"gradient of {name}"

@@ -38,7 +38,7 @@ def chunk_shapes() -> list[tuple[str, tuple[int, int, int, int]]]:
         config = PRESETS[name].model
         k = config.kernel_size
         for i, (n, h, w, c_in, c_out) in enumerate(block_shapes(config, 128)):
-            if block_merge("auto", h, w) == "aggregated":
+            if block_merge("auto", h, w, c_out, "flax") == "aggregated":
                 chunk = batch_chunk(n, image_elements(np.empty((1, h, w, c_in)), k, c_out, own_kernel=True))
                 shape = (chunk, h * w, k * k * c_in, c_out)
                 if shape not in seen:
