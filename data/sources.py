@@ -60,7 +60,8 @@ def download_tarball(destination: Path) -> None:
                     bar.update(len(chunk))
             if digest.hexdigest() != TARBALL_MD5:
                 raise DataError(TARBALL_URL, f"the official archive with md5 {TARBALL_MD5}",
-                                f"{out.tell()} bytes with md5 {digest.hexdigest()}", "Run the download again; if it repeats, download it yourself and set CIFAR10_PATH.")
+                                f"{out.tell()} bytes with md5 {digest.hexdigest()}",
+                                "Run the download again; if it repeats, download it yourself and set CIFAR10_PATH.")
     # OSError: urllib's URLError, socket timeouts and a full or read-only disk; HTTPException: a cut response.
     except (OSError, http.client.HTTPException) as error:
         raise DataError(TARBALL_URL, "the official archive", f"a failed download or write ({error!r})",

@@ -52,11 +52,13 @@ DEFAULT_MERGE = "auto"
 # the 2-core AMD EPYC: 4x4, aggregated / stacked 285 / 63 ms (PyTorch) and 111 / 91 ms (Flax);
 # 8x8, 253 / 250 ms (PyTorch, another day: 311-323 / 256) and 190 / 524 ms (Flax).
 AGGREGATE_MIN_PIXELS = 64
-# PyTorch also weighs the output channels (the kernel's size against the image's). oneDNN's dense 3x3 convolutions run a reduced-multiply (Winograd-class) algorithm that
-# a per-image kernel cannot use. 256 -> 256 channels on 8x8 images, batch 128, forward + backward:
-# one dense conv did its direct multiply-adds at 364 GFLOP/s, against 245 for numpy's 2048^2 matmul;
-# stacked 256 ms, aggregated 311-323 ms. 64 -> 128 on 8x8 (the seed's third block): stacked 35 ms,
-# aggregated 29. So PyTorch aggregates only up to this many output channels per pixel.
+# PyTorch also weighs the output channels (the kernel's size against the image's): oneDNN's dense 3x3
+# convolutions run a reduced-multiply (Winograd-class) algorithm that a per-image kernel cannot use.
+# 256 -> 256 channels on 8x8 images, batch 128, forward + backward: one dense conv did its direct
+# multiply-adds at 364 GFLOP/s, against 245 for numpy's 2048^2 matmul; stacked 256 ms, aggregated
+# 311-323 ms. 64 -> 128 on 8x8 (the seed's third block): stacked 35 ms, aggregated 29. So PyTorch
+# aggregates only up to this many output channels per pixel
+# (results/benchmark/amd-avx512-torch-8x8-probe/).
 TORCH_AGGREGATE_MAX_CHANNELS_PER_PIXEL = 2
 # Elements per image (its input or patches, output and own kernel) that one chunk of a chunked
 # convolution takes at a time on the CPU, in either framework: about 6 MB of float32, which stays in

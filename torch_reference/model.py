@@ -132,7 +132,8 @@ class ExpertBlock(nn.Module):
 
     def forward(self, x, temperature: float, compute_dtype: torch.dtype | None = None):
         attention = self.expert(x, temperature)
-        merge = functools.partial(MERGES[block_merge(self.merge, *x.shape[2:], self.block.out_channels, "torch")], padding=self.padding)
+        merge_name = block_merge(self.merge, *x.shape[2:], self.block.out_channels, "torch")
+        merge = functools.partial(MERGES[merge_name], padding=self.padding)
         y = self.bn(in_dtype(merge, compute_dtype, x, self.kernels, attention))
         if self.block.residual:
             y = y + x
