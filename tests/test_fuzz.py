@@ -39,10 +39,14 @@ def damaged(blob: bytes) -> st.SearchStrategy[bytes]:
             copy[at] = value
         return bytes(copy)
 
+    def insert(at_and_extra):
+        at, extra = at_and_extra
+        return blob[:at] + extra + blob[at:]
+
     return st.one_of(
         st.integers(0, n - 1).map(lambda end: blob[:end]),
         st.lists(st.tuples(st.integers(0, n - 1), st.integers(0, 255)), min_size=1, max_size=8).map(overwrite),
-        st.tuples(st.integers(0, n), st.binary(min_size=1, max_size=64)).map(lambda t: blob[:t[0]] + t[1] + blob[t[0]:]),
+        st.tuples(st.integers(0, n), st.binary(min_size=1, max_size=64)).map(insert),
         st.binary(max_size=2 * n),
     )
 

@@ -1,4 +1,5 @@
-"""scripts/report.py, scripts/predict.py and scripts/evaluate.py on small real runs of both frameworks, written by the test."""
+"""scripts/report.py, scripts/predict.py and scripts/evaluate.py on small real runs of both frameworks,
+written by the test."""
 
 import json
 import re
