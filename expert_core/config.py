@@ -52,14 +52,14 @@ DEFAULT_MERGE = "auto"
 # the 2-core AMD EPYC: 4x4, aggregated / stacked 285 / 63 ms (PyTorch) and 111 / 91 ms (Flax);
 # 8x8, 253 / 250 ms (PyTorch, another day: 311-323 / 256) and 190 / 524 ms (Flax).
 AGGREGATE_MIN_PIXELS = 64
-# PyTorch also weighs the output channels (the kernel's size against the image's): oneDNN's dense 3x3
-# convolutions run a reduced-multiply (Winograd-class) algorithm that a per-image kernel cannot use.
-# 256 -> 256 channels on 8x8 images, batch 128, forward + backward: one dense conv did its direct
-# multiply-adds at 364 GFLOP/s, against 245 for numpy's 2048^2 matmul; stacked 256 ms, aggregated
-# 311-323 ms. 64 -> 128 on 8x8 (the seed's third block): stacked 35 ms, aggregated 29. So PyTorch
-# aggregates only up to this many output channels per pixel
+# Per framework, the most output channels per pixel "auto" aggregates (None: no bound); the kernel's
+# size against the image's. oneDNN's dense 3x3 convolutions run a reduced-multiply (Winograd-class)
+# algorithm that a per-image kernel cannot use; XLA:CPU's have none. 256 -> 256 channels on 8x8 images,
+# batch 128, forward + backward: one PyTorch dense conv did its direct multiply-adds at 364 GFLOP/s,
+# against 245 for numpy's 2048^2 matmul; stacked 256 ms, aggregated 311-323 ms (Flax: 524 / 190 ms).
+# 64 -> 128 on 8x8 (the seed's third block), PyTorch: stacked 35 ms, aggregated 29
 # (results/benchmark/amd-avx512-torch-8x8-probe/).
-TORCH_AGGREGATE_MAX_CHANNELS_PER_PIXEL = 2
+AGGREGATE_MAX_CHANNELS_PER_PIXEL = {"flax": None, "torch": 2}
 # Elements per image (its input or patches, output and own kernel) that one chunk of a chunked
 # convolution takes at a time on the CPU, in either framework: about 6 MB of float32, which stays in
 # cache where the whole batch's tensors stream through memory (README "Speed" has the figures).
@@ -76,16 +76,14 @@ def check_merge(merge: str) -> str:
 
 
 def block_merge(merge: str, height: int, width: int, out_channels: int, framework: str) -> str:
-    """The merge computation a block of `framework` ("flax" or "torch") runs on height x width images
-    with `out_channels`: `merge`, with "auto" resolved."""
-    if framework not in ("flax", "torch"):
-        raise ValueError(f"framework must be 'flax' or 'torch', got {framework!r}.")
+    """The merge computation a block of `framework` (a key of AGGREGATE_MAX_CHANNELS_PER_PIXEL) runs on
+    height x width images with `out_channels`: `merge`, with "auto" resolved."""
+    if framework not in AGGREGATE_MAX_CHANNELS_PER_PIXEL:
+        raise ValueError(f"framework must be one of {sorted(AGGREGATE_MAX_CHANNELS_PER_PIXEL)}, got {framework!r}.")
     if merge != "auto":
         return merge
-    pixels = height * width
-    if pixels < AGGREGATE_MIN_PIXELS:
-        return "stacked"
-    if framework == "torch" and out_channels > TORCH_AGGREGATE_MAX_CHANNELS_PER_PIXEL * pixels:
+    pixels, bound = height * width, AGGREGATE_MAX_CHANNELS_PER_PIXEL[framework]
+    if pixels < AGGREGATE_MIN_PIXELS or (bound is not None and out_channels > bound * pixels):
         return "stacked"
     return "aggregated"
 

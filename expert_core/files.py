@@ -34,10 +34,10 @@ def _host_tag() -> str:
 def remove_abandoned_partials(directory: Path) -> list[Path]:
     """Delete the temporary files of writers on this host that died mid-write (kill -9 leaves them);
     a live writer's stay, and so do other hosts' files. Returns the files removed."""
-    removed = []
+    removed, host = [], _host_tag()
     for path in sorted(Path(directory).glob("*.partial")):
         writer = re.fullmatch(r".+\.([0-9a-f]{8})-(\d+)-[0-9a-f]{8}\.partial", path.name)
-        if writer and writer.group(1) == _host_tag() and not _process_alive(int(writer.group(2))):
+        if writer and writer.group(1) == host and not _process_alive(int(writer.group(2))):
             path.unlink(missing_ok=True)
             removed.append(path)
     return removed

@@ -80,29 +80,26 @@ def test_the_merges_agree_on_the_same_weights(train):
             torch.testing.assert_close(buffer, reference[3][name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-def test_auto_merge_aggregates_8x8_images_and_stacks_4x4_ones(record_merges):
-    config = ModelConfig(stem_channels=4, blocks=(BlockConfig(6), BlockConfig(8)), num_experts=2)
-    model, x = make_model(config), make_input(size=8)  # block 0 sees 8x8 images, block 1 4x4 ones
+# Block 0 of the first sees 8x8 images, block 1 4x4 ones; both blocks of the second see 8x8 images
+# (64 pixels), where PyTorch stacks 129 output channels and aggregates 128.
+@pytest.mark.parametrize("blocks, n, expected", [
+    ((BlockConfig(6), BlockConfig(8)), 6, ["aggregated", "stacked"]),
+    ((BlockConfig(129, pool=False), BlockConfig(128)), 2, ["stacked", "aggregated"]),
+], ids=["by-image-size", "by-output-channels"])
+def test_auto_merge_picks_per_block_and_computes_what_branches_do(record_merges, blocks, n, expected):
+    model, x = make_model(ModelConfig(stem_channels=4, blocks=blocks, num_experts=2)), make_input(n=n, size=8)
     reference = run_merge(model, "branches", x, train=True)
     seen = record_merges(torch_model)
     logits, _, grads, _ = run_merge(model, "auto", x, train=True)
-    assert seen == ["aggregated", "stacked"]
+    assert seen == expected
     torch.testing.assert_close(logits, reference[0], rtol=1e-5, atol=1e-5)
     for name, grad in grads.items():
         assert max_relative_difference(reference[2][name], grad) <= 1e-5, f"gradient of {name}"
 
 
-def test_auto_merge_in_pytorch_stacks_blocks_with_over_two_output_channels_a_pixel(record_merges):
-    config = ModelConfig(stem_channels=4, blocks=(BlockConfig(129, pool=False), BlockConfig(128)), num_experts=2)
-    model, x = make_model(config), make_input(n=2, size=8)  # 64 pixels: 129 channels stack, 128 aggregate
-    reference = run_merge(model, "branches", x, train=True)
-    seen = record_merges(torch_model)
-    logits, _, grads, _ = run_merge(model, "auto", x, train=True)
-    assert seen == ["stacked", "aggregated"]
+def test_flax_auto_merge_aggregates_where_pytorch_stacks():
+    assert block_merge("auto", 8, 8, 129, "torch") == "stacked"
     assert block_merge("auto", 8, 8, 129, "flax") == "aggregated"  # XLA's dense convs gain nothing there
-    torch.testing.assert_close(logits, reference[0], rtol=1e-5, atol=1e-5)
-    for name, grad in grads.items():
-        assert max_relative_difference(reference[2][name], grad) <= 1e-5, f"gradient of {name}"
 
 
 # MIXED on 8x8 images holds 1,092 elements an image in block 0 (kernel, input, output), 1,564 in block 1.
