@@ -15,6 +15,7 @@ from expert_core.portable import (UNUSED_IN_FLAX, PortingError, UnreadableWeight
                                   canonical_to_flax, flax_to_canonical, load_portable, save_portable)
 from flax_expert.model import ExpertCNN as FlaxExpertCNN
 from flax_expert.model import init_variables
+from flax_expert.model import max_pool_2x2 as flax_max_pool_2x2
 from flax_expert.model import to_model_input as flax_to_model_input
 from flax_expert.train import FlaxBackend
 from parity.checks import (GRADIENT_TOLERANCE, Pair, eval_checks, gradient_checks, optimizer_checks, parity_batches,
@@ -49,6 +50,22 @@ def test_both_frameworks_feed_bit_identical_inputs():
     from_torch = torch_to_model_input(images).permute(0, 2, 3, 1).numpy()
     np.testing.assert_array_equal(from_torch, flax_to_model_input(images))
     np.testing.assert_array_equal(from_torch, jax.jit(flax_to_model_input)(images))
+
+
+@pytest.mark.parametrize("shape", [(3, 8, 8, 4), (2, 9, 7, 3)], ids=["even", "odd"])
+def test_max_pool_values_and_gradients_are_pytorchs_bit_for_bit(shape):
+    """Tied windows (values drawn from 0..2), NaN windows with one and with two NaNs, odd edges dropped:
+    the gradient goes where PyTorch's does, to the first maximum or the last NaN."""
+    rng = np.random.default_rng(0)
+    x = rng.integers(0, 3, shape).astype(np.float32)
+    x[0, 0, 1, 0] = x[1, 2, 2, 1] = x[1, 3, 3, 1] = np.nan
+    y, pullback = jax.vjp(flax_max_pool_2x2, x)
+    dy = rng.standard_normal(y.shape).astype(np.float32)
+    x_torch = torch.tensor(x.transpose(0, 3, 1, 2), requires_grad=True)
+    y_torch = torch.nn.functional.max_pool2d(x_torch, 2, 2)
+    y_torch.backward(torch.from_numpy(dy.transpose(0, 3, 1, 2)))
+    np.testing.assert_array_equal(y, y_torch.detach().permute(0, 2, 3, 1).numpy())
+    np.testing.assert_array_equal(pullback(dy)[0], x_torch.grad.permute(0, 2, 3, 1).numpy())
 
 
 @pytest.mark.parametrize("to_model_input", [torch_to_model_input, flax_to_model_input], ids=["torch", "flax"])
