@@ -165,6 +165,17 @@ def test_batchnorm_hand_written_gradient_equals_autodiff_of_the_formula():
             np.testing.assert_allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("k", [1, 3, 5])
+def test_patch_hand_written_gradient_equals_autodiff_of_the_patches(k):
+    rng = np.random.default_rng(2)
+    with jax.enable_x64(True):
+        x = rng.normal(size=(2, 7, 6, 3))
+        d_patches = rng.normal(size=(2, 7 * 6, k * k * 3))
+        _, by_hand = jax.vjp(lambda x: flax_model.extract_patches(x, k), x)
+        _, by_autodiff = jax.vjp(lambda x: flax_model.extract_patches.fun(x, k), x)
+        np.testing.assert_allclose(by_hand(d_patches)[0], by_autodiff(d_patches)[0], rtol=1e-12, atol=1e-12)
+
+
 def test_a_few_adam_steps_reduce_the_loss_on_a_fixed_batch():
     model = ExpertCNN(MIXED)
     variables = init(MIXED)
