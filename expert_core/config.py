@@ -52,14 +52,17 @@ DEFAULT_MERGE = "auto"
 # the 2-core AMD EPYC: 4x4, aggregated / stacked 285 / 63 ms (PyTorch) and 111 / 91 ms (Flax);
 # 8x8, 253 / 250 ms (PyTorch, another day: 311-323 / 256) and 190 / 524 ms (Flax).
 AGGREGATE_MIN_PIXELS = 64
-# Per framework, the most output channels per pixel "auto" aggregates (None: no bound); the kernel's
-# size against the image's. oneDNN's dense 3x3 convolutions run a reduced-multiply (Winograd-class)
-# algorithm that a per-image kernel cannot use; XLA:CPU's have none. 256 -> 256 channels on 8x8 images,
-# batch 128, forward + backward: one PyTorch dense conv did its direct multiply-adds at 364 GFLOP/s,
-# against 245 for numpy's 2048^2 matmul; stacked 256 ms, aggregated 311-323 ms (Flax: 524 / 190 ms).
-# 64 -> 128 on 8x8 (the seed's third block), PyTorch: stacked 35 ms, aggregated 29
-# (results/benchmark/amd-avx512-torch-8x8-probe/).
-AGGREGATE_MAX_CHANNELS_PER_PIXEL = {"flax": None, "torch": 2}
+# Per backend, the most output channels per pixel "auto" aggregates (None: no bound); the kernel's
+# size against the image's. With AVX-512, oneDNN's dense 3x3 convolutions run a reduced-multiply
+# (Winograd-class) algorithm that a per-image kernel cannot use. 256 -> 256 channels on 8x8 images,
+# batch 128, forward + backward, on the AVX-512 AMD EPYC: one PyTorch dense conv did its direct
+# multiply-adds at 364 GFLOP/s, against 245 for numpy's 2048^2 matmul; stacked 256 ms, aggregated
+# 311-323 ms (Flax: 524 / 190 ms). 64 -> 128 on 8x8 (the seed's third block): stacked 35 ms, aggregated
+# 29 (results/benchmark/amd-avx512-torch-8x8-probe/). On the AVX2 AMD EPYC oneDNN has no such path:
+# 256 -> 256 on 8x8, stacked 940 ms, aggregated 591 (results/benchmark/amd-avx2-before-after/). XLA:CPU's
+# dense convolutions have none either. "torch-avx512" is PyTorch on a CPU whose ATen kernels use AVX-512
+# (torch_reference.model.merge_backend).
+AGGREGATE_MAX_CHANNELS_PER_PIXEL = {"flax": None, "torch": None, "torch-avx512": 2}
 # Elements per image (its input or patches, output and own kernel) that one chunk of a chunked
 # convolution takes at a time on the CPU, in either framework: about 6 MB of float32, which stays in
 # cache where the whole batch's tensors stream through memory (README "Speed" has the figures).
@@ -75,14 +78,14 @@ def check_merge(merge: str) -> str:
     return merge
 
 
-def block_merge(merge: str, height: int, width: int, out_channels: int, framework: str) -> str:
-    """The merge computation a block of `framework` (a key of AGGREGATE_MAX_CHANNELS_PER_PIXEL) runs on
+def block_merge(merge: str, height: int, width: int, out_channels: int, backend: str) -> str:
+    """The merge computation a block run by `backend` (a key of AGGREGATE_MAX_CHANNELS_PER_PIXEL) uses on
     height x width images with `out_channels`: `merge`, with "auto" resolved."""
-    if framework not in AGGREGATE_MAX_CHANNELS_PER_PIXEL:
-        raise ValueError(f"framework must be one of {sorted(AGGREGATE_MAX_CHANNELS_PER_PIXEL)}, got {framework!r}.")
+    if backend not in AGGREGATE_MAX_CHANNELS_PER_PIXEL:
+        raise ValueError(f"backend must be one of {sorted(AGGREGATE_MAX_CHANNELS_PER_PIXEL)}, got {backend!r}.")
     if merge != "auto":
         return merge
-    pixels, bound = height * width, AGGREGATE_MAX_CHANNELS_PER_PIXEL[framework]
+    pixels, bound = height * width, AGGREGATE_MAX_CHANNELS_PER_PIXEL[backend]
     if pixels < AGGREGATE_MIN_PIXELS or (bound is not None and out_channels > bound * pixels):
         return "stacked"
     return "aggregated"

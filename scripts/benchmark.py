@@ -159,7 +159,7 @@ def torch_merge_seconds(config: ModelConfig, merge: str, precision: str, batch: 
     in the compute precision."""
     import torch
 
-    from torch_reference.model import MERGES
+    from torch_reference.model import MERGES, merge_backend
 
     generator, k = torch.Generator().manual_seed(0), config.kernel_size
     blocks = []
@@ -168,7 +168,7 @@ def torch_merge_seconds(config: ModelConfig, merge: str, precision: str, batch: 
         x, kernels, attention, cotangent = (torch.randn(s, generator=generator).to(device, getattr(torch, precision))
                                             for s in shapes)
         operands = [x.requires_grad_(), kernels.requires_grad_(), torch.softmax(attention, 1).requires_grad_()]
-        blocks.append((MERGES[block_merge(merge, h, w, c_out, "torch")], operands, cotangent))
+        blocks.append((MERGES[block_merge(merge, h, w, c_out, merge_backend(device))], operands, cotangent))
 
     def forward_backward():
         for fn, operands, cotangent in blocks:

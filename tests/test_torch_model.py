@@ -80,13 +80,17 @@ def test_the_merges_agree_on_the_same_weights(train):
             torch.testing.assert_close(buffer, reference[3][name], rtol=1e-5, atol=1e-5, msg=name)
 
 
-# Block 0 of the first sees 8x8 images, block 1 4x4 ones; both blocks of the second see 8x8 images
-# (64 pixels), where PyTorch stacks 129 output channels and aggregates 128.
-@pytest.mark.parametrize("blocks, n, expected", [
-    ((BlockConfig(6), BlockConfig(8)), 6, ["aggregated", "stacked"]),
-    ((BlockConfig(129, pool=False), BlockConfig(128)), 2, ["stacked", "aggregated"]),
-], ids=["by-image-size", "by-output-channels"])
-def test_auto_merge_picks_per_block_and_computes_what_branches_do(record_merges, blocks, n, expected):
+# Block 0 of the first sees 8x8 images, block 1 4x4 ones; both blocks of the others see 8x8 images
+# (64 pixels), where PyTorch with AVX-512 stacks 129 output channels and aggregates 128, and without
+# it aggregates both. The capability is set, so that every case runs whatever this CPU has.
+@pytest.mark.parametrize("capability, blocks, n, expected", [
+    ("AVX2", (BlockConfig(6), BlockConfig(8)), 6, ["aggregated", "stacked"]),
+    ("AVX512", (BlockConfig(129, pool=False), BlockConfig(128)), 2, ["stacked", "aggregated"]),
+    ("AVX2", (BlockConfig(129, pool=False), BlockConfig(128)), 2, ["aggregated", "aggregated"]),
+], ids=["by-image-size", "by-output-channels-avx512", "by-output-channels-avx2"])
+def test_auto_merge_picks_per_block_and_computes_what_branches_do(record_merges, monkeypatch, capability, blocks,
+                                                                   n, expected):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: capability)
     model, x = make_model(ModelConfig(stem_channels=4, blocks=blocks, num_experts=2)), make_input(n=n, size=8)
     reference = run_merge(model, "branches", x, train=True)
     seen = record_merges(torch_model)
@@ -97,9 +101,17 @@ def test_auto_merge_picks_per_block_and_computes_what_branches_do(record_merges,
         assert max_relative_difference(reference[2][name], grad) <= 1e-5, f"gradient of {name}"
 
 
-def test_flax_auto_merge_aggregates_where_pytorch_stacks():
-    assert block_merge("auto", 8, 8, 129, "torch") == "stacked"
+def test_flax_auto_merge_aggregates_where_pytorch_with_avx512_stacks():
+    assert block_merge("auto", 8, 8, 129, "torch-avx512") == "stacked"
     assert block_merge("auto", 8, 8, 129, "flax") == "aggregated"  # XLA's dense convs gain nothing there
+
+
+def test_only_a_cpu_with_avx512_takes_the_avx512_merge_rule(monkeypatch):
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert torch_model.merge_backend(torch.device("cpu")) == "torch-avx512"
+    assert torch_model.merge_backend(torch.device("cuda")) == "torch"
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert torch_model.merge_backend(torch.device("cpu")) == "torch"
 
 
 # MIXED on 8x8 images holds 1,092 elements an image in block 0 (kernel, input, output), 1,564 in block 1.

@@ -86,6 +86,14 @@ def _aggregated_conv(x, kernels, attention, padding):
 MERGES = {"branches": merge_branches, "stacked": merge_stacked, "aggregated": merge_aggregated}
 
 
+def merge_backend(device: torch.device) -> str:
+    """The AGGREGATE_MAX_CHANNELS_PER_PIXEL entry "auto" follows on `device`: "torch-avx512" on a CPU
+    whose ATen kernels use AVX-512 (where oneDNN's dense convolutions have a faster algorithm), else "torch"."""
+    if device.type == "cpu" and torch.backends.cpu.get_cpu_capability().startswith("AVX512"):
+        return "torch-avx512"
+    return "torch"
+
+
 class Stem(nn.Module):
     """Conv k x k (no bias) -> BatchNorm -> ReLU."""
 
@@ -132,7 +140,7 @@ class ExpertBlock(nn.Module):
 
     def forward(self, x, temperature: float, compute_dtype: torch.dtype | None = None):
         attention = self.expert(x, temperature)
-        merge_name = block_merge(self.merge, *x.shape[2:], self.block.out_channels, "torch")
+        merge_name = block_merge(self.merge, *x.shape[2:], self.block.out_channels, merge_backend(x.device))
         merge = functools.partial(MERGES[merge_name], padding=self.padding)
         y = self.bn(in_dtype(merge, compute_dtype, x, self.kernels, attention))
         if self.block.residual:
