@@ -8,7 +8,8 @@
 - Tests never touch the network: the archive download is replaced by a function that fails the test.
 - `record_merges`: swaps a model module's MERGES for wrappers that note which merge each block ran.
 - JAX's persistent compilation cache: one fresh directory per session (unless JAX_COMPILATION_CACHE_DIR
-  is set), shared by the test process and every training subprocess it starts.
+  is set), shared by pytest's two worker processes (pyproject's addopts) and every training
+  subprocess they start.
 """
 
 import functools
