@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from expert_core.config import (CPU_CHUNK_ELEMENTS, DEFAULT_MERGE, BlockConfig, ModelConfig, block_merge,
-                                check_merge, check_raw_images, normalisation_table)
+from expert_core.config import (CPU_CHUNK_ELEMENTS, DEFAULT_MERGE, MIN_CHUNK_IMAGES, BlockConfig, ModelConfig,
+                                block_merge, check_merge, check_raw_images, normalisation_table)
 
 _NORMALISED = normalisation_table()
 
@@ -143,11 +143,6 @@ def _patches_backward(k: int, x_shape, d_patches):
 
 
 extract_patches.defvjp(_patches_forward, _patches_backward)
-
-
-# Fewer images than this make the per-image matmuls too small: on every block shape of the seed and
-# fast presets, chunks of 2 ran slower than chunks of 4 (forward + backward, 8-30 %).
-MIN_CHUNK_IMAGES = 4
 
 
 def batch_chunk(n: int, elements_per_image: int) -> int:

@@ -115,14 +115,16 @@ def test_only_a_cpu_with_avx512_takes_the_avx512_merge_rule(monkeypatch):
 
 
 # MIXED on 8x8 images holds 1,092 elements an image in block 0 (kernel, input, output), 1,564 in block 1.
-@pytest.mark.parametrize("budget, chunk_sizes", [(1, [1] * 12), (5_000, [4, 2, 3, 3])],
-                         ids=["one-image-chunks", "uneven-chunks"])
-def test_aggregated_merge_in_batch_chunks_equals_the_whole_batch(monkeypatch, budget, chunk_sizes):
+@pytest.mark.parametrize("budget, min_images, chunk_sizes",
+                         [(1, 1, [1] * 12), (5_000, 1, [4, 2, 3, 3]), (1, 4, [4, 2] * 2)],
+                         ids=["one-image-chunks", "uneven-chunks", "at-least-the-minimum"])
+def test_aggregated_merge_in_batch_chunks_equals_the_whole_batch(monkeypatch, budget, min_images, chunk_sizes):
     model, x = make_model(MIXED), make_input(n=6)
     whole = run_merge(model, "aggregated", x, train=True)
     seen, conv = [], torch_model._aggregated_conv
     monkeypatch.setattr(torch_model, "_aggregated_conv", lambda x, *rest: seen.append(len(x)) or conv(x, *rest))
     monkeypatch.setattr(torch_model, "CPU_CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(torch_model, "MIN_CHUNK_IMAGES", min_images)
     chunked = run_merge(model, "aggregated", x, train=True)
     assert seen == chunk_sizes
     torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)
