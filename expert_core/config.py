@@ -83,6 +83,12 @@ def check_merge(merge: str) -> str:
     return merge
 
 
+def cpu_chunk_images(elements_per_image: int) -> int:
+    """Images per chunk of a chunked convolution on the CPU, in either framework: as many as
+    CPU_CHUNK_ELEMENTS holds, and at least MIN_CHUNK_IMAGES."""
+    return max(MIN_CHUNK_IMAGES, CPU_CHUNK_ELEMENTS // elements_per_image)
+
+
 def block_merge(merge: str, height: int, width: int, out_channels: int, backend: str) -> str:
     """The merge computation a block run by `backend` (a key of AGGREGATE_MAX_CHANNELS_PER_PIXEL) uses on
     height x width images with `out_channels`: `merge`, with "auto" resolved."""

@@ -15,8 +15,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import linen as nn
 
-from expert_core.config import (CPU_CHUNK_ELEMENTS, DEFAULT_MERGE, MIN_CHUNK_IMAGES, BlockConfig, ModelConfig,
-                                block_merge, check_merge, check_raw_images, normalisation_table)
+from expert_core.config import (DEFAULT_MERGE, MIN_CHUNK_IMAGES, BlockConfig, ModelConfig, block_merge, check_merge,
+                                check_raw_images, cpu_chunk_images, normalisation_table)
 
 _NORMALISED = normalisation_table()
 
@@ -153,7 +153,7 @@ def batch_chunk(n: int, elements_per_image: int) -> int:
     `in_batch_chunks`. All n off the CPU."""
     if jax.default_backend() != "cpu":
         return n
-    limit = min(n, max(MIN_CHUNK_IMAGES, CPU_CHUNK_ELEMENTS // elements_per_image))
+    limit = min(n, cpu_chunk_images(elements_per_image))
     divisor = max(d for d in range(1, limit + 1) if n % d == 0)
     fewest_chunks = -(-n // limit)
     if divisor >= min(MIN_CHUNK_IMAGES, n) and n // divisor <= 2 * fewest_chunks:

@@ -6,6 +6,7 @@ import numpy as np
 import optax
 import pytest
 
+import expert_core.config as core_config
 from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig
 from expert_core.portable import canonical_shapes, flax_to_canonical
 from flax_expert import model as flax_model
@@ -110,7 +111,7 @@ def test_merges_computed_in_batch_chunks_equal_the_whole_batch(monkeypatch, n, b
         return jnp.sum(logits ** 2), (logits, attention)
 
     whole = jax.value_and_grad(loss, has_aux=True)(variables["params"])
-    monkeypatch.setattr(flax_model, "CPU_CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(core_config, "CPU_CHUNK_ELEMENTS", budget)
     seen = []
 
     def recorded_batch_chunk(n, elements_per_image):
@@ -125,7 +126,7 @@ def test_merges_computed_in_batch_chunks_equal_the_whole_batch(monkeypatch, n, b
 
 
 def test_chunks_divide_the_batch_unless_that_takes_too_many(monkeypatch):
-    monkeypatch.setattr(flax_model, "CPU_CHUNK_ELEMENTS", 20 * 1000)  # 20 images of 1000 elements
+    monkeypatch.setattr(core_config, "CPU_CHUNK_ELEMENTS", 20 * 1000)  # 20 images of 1000 elements
     assert batch_chunk(128, 1000) == 16  # 8 even chunks against the budget's 7
     assert batch_chunk(148, 1000) == 19  # 8 chunks, the last padded, not 37 even chunks of 4
     assert batch_chunk(3, 10**6) == 3  # fewer images than the minimum: one chunk

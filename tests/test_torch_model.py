@@ -8,6 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+import expert_core.config as core_config
 from expert_core.config import (CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig, TrainConfig,
                                 block_merge)
 from expert_core.training import TrainingError
@@ -123,8 +124,8 @@ def test_aggregated_merge_in_batch_chunks_equals_the_whole_batch(monkeypatch, bu
     whole = run_merge(model, "aggregated", x, train=True)
     seen, conv = [], torch_model._aggregated_conv
     monkeypatch.setattr(torch_model, "_aggregated_conv", lambda x, *rest: seen.append(len(x)) or conv(x, *rest))
-    monkeypatch.setattr(torch_model, "CPU_CHUNK_ELEMENTS", budget)
-    monkeypatch.setattr(torch_model, "MIN_CHUNK_IMAGES", min_images)
+    monkeypatch.setattr(core_config, "CPU_CHUNK_ELEMENTS", budget)
+    monkeypatch.setattr(core_config, "MIN_CHUNK_IMAGES", min_images)
     chunked = run_merge(model, "aggregated", x, train=True)
     assert seen == chunk_sizes
     torch.testing.assert_close(chunked[0], whole[0], rtol=1e-6, atol=1e-6)

@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from expert_core.config import (CPU_CHUNK_ELEMENTS, DEFAULT_MERGE, MIN_CHUNK_IMAGES, BlockConfig, ModelConfig,
-                                block_merge, check_merge, check_raw_images, normalisation_table)
+from expert_core.config import (DEFAULT_MERGE, BlockConfig, ModelConfig, block_merge, check_merge, check_raw_images,
+                                cpu_chunk_images, normalisation_table)
 from expert_core.portable import check_canonical
 
 _NORMALISED = torch.from_numpy(normalisation_table())
@@ -65,10 +65,10 @@ def merge_stacked(x, kernels, attention, padding):
 
 
 def merge_aggregated(x, kernels, attention, padding):
-    # One grouped conv per chunk of CPU_CHUNK_ELEMENTS: the whole batch at once was up to 1.7x slower
+    # One grouped conv per chunk (cpu_chunk_images): the whole batch at once was up to 1.7x slower
     # (seed preset, block 2, forward + backward: 36.8 ms in one call, 21.4 ms in chunks of 16 images).
     per_image = kernels[0].numel() + x[0].numel() + kernels.shape[1] * x[0, 0].numel()
-    size = max(MIN_CHUNK_IMAGES, CPU_CHUNK_ELEMENTS // per_image) if x.device.type == "cpu" else len(x)
+    size = cpu_chunk_images(per_image) if x.device.type == "cpu" else len(x)
     if size >= len(x):
         return _aggregated_conv(x, kernels, attention, padding)
     return torch.cat([_aggregated_conv(x_part, kernels, a_part, padding)

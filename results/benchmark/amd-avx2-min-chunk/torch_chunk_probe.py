@@ -9,9 +9,10 @@ import time
 import torch
 
 import torch_reference.model as torch_model
+from expert_core import config
 
 torch.manual_seed(0)
-torch_model.MIN_CHUNK_IMAGES = 1  # the budget alone sets the chunk, as before c25803f
+config.MIN_CHUNK_IMAGES = 1  # the budget alone sets the chunk, as before c25803f
 for h in (8, 4):
     x = torch.randn(128, 256, h, h, requires_grad=True)
     kernels = torch.randn(4, 256, 256, 3, 3, requires_grad=True)
@@ -20,7 +21,7 @@ for h in (8, 4):
     times = {chunk: [] for chunk in (1, 2, 4, 8, 16)}
     for _ in range(11):
         for chunk, seen in times.items():
-            torch_model.CPU_CHUNK_ELEMENTS = chunk * per_image
+            config.CPU_CHUNK_ELEMENTS = chunk * per_image
             start = time.perf_counter()
             y = torch_model.merge_aggregated(x, kernels, attention, 1)
             y.backward(torch.ones_like(y))
