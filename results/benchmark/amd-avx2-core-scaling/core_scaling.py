@@ -4,13 +4,14 @@ merge (with torch.bmm and numpy's OpenBLAS on the same shapes), speed up from on
     GLIBC_TUNABLES=glibc.malloc.hugetlb=1 .venv/bin/python results/benchmark/amd-avx2-core-scaling/core_scaling.py
 """
 import json
-import platform
 import statistics
 import subprocess
 import sys
 import time
 
 import numpy as np
+
+from expert_core.runfiles import cpu_name
 
 STEPS, WARM_UP = 23, 3
 # Flax's per-chunk batched matmul, patches @ per-image kernel, in each seed block: (images, pixels, 9 C_in, C_out).
@@ -72,9 +73,7 @@ def child(kind: str) -> None:
 
 
 def main(rounds: int = 3) -> None:
-    cpu = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-               platform.processor())
-    print(f"CPU: {cpu}; {rounds} rounds, one process per figure", flush=True)
+    print(f"CPU: {cpu_name()}; {rounds} rounds, one process per figure", flush=True)
     results = {}
     for round_ in range(rounds):
         for kind in ("flax", "torch", "xla", "torch-bmm", "numpy"):
