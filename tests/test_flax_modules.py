@@ -10,7 +10,8 @@ import expert_core.config as core_config
 from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, MERGE_MODES, BlockConfig, ModelConfig
 from expert_core.portable import canonical_shapes, flax_to_canonical
 from flax_expert import model as flax_model
-from flax_expert.model import BatchNorm, ExpertCNN, batch_chunk, init_variables, to_model_input
+from flax_expert.model import (BatchNorm, ExpertCNN, batch_chunk, chunks_side_by_side, init_variables,
+                               to_model_input)
 
 from model_configs import SHAPE_CONFIGS
 
@@ -98,10 +99,12 @@ def _get(tree, path):
 # to block 0's and 16,924 to block 1's (their own kernels too): 84,480 fits 10, 5 and 4 images, and 10's
 # largest divisor up to 4 is 2, below the minimum of 4, so block 1 takes three chunks of 4, the last
 # padded with two zero images. 14,000 fits fewer than the minimum, so 4: 6 images go in two even chunks
-# of 3, 7 (prime) in two of 4.
-@pytest.mark.parametrize("n, budget, chunks", [(10, 84_480, [10, 5, 4]), (6, 14_000, [3, 3, 3]),
-                                               (7, 14_000, [4, 4, 4]), (6, 10**9, [6, 6, 6])])
-def test_merges_computed_in_batch_chunks_equal_the_whole_batch(monkeypatch, n, budget, chunks):
+# of 3, 7 (prime) in two of 4. Every image has 256 rows, so an even number of chunks runs side by side.
+@pytest.mark.parametrize("n, budget, chunks, sides", [(10, 84_480, [10, 5, 4], [2, 1]),
+                                                      (6, 14_000, [3, 3, 3], [2, 2, 2]),
+                                                      (7, 14_000, [4, 4, 4], [2, 2, 2]),
+                                                      (6, 10**9, [6, 6, 6], [])])
+def test_merges_computed_in_batch_chunks_equal_the_whole_batch(monkeypatch, n, budget, chunks, sides):
     variables = init(MIXED)
     x = inputs(n)
 
@@ -118,9 +121,16 @@ def test_merges_computed_in_batch_chunks_equal_the_whole_batch(monkeypatch, n, b
         seen.append(batch_chunk(n, elements_per_image))
         return seen[-1]
 
+    def recorded_sides(n_chunks, rows_per_image):
+        seen_sides.append(chunks_side_by_side(n_chunks, rows_per_image))
+        return seen_sides[-1]
+
+    seen_sides = []
     monkeypatch.setattr(flax_model, "batch_chunk", recorded_batch_chunk)
+    monkeypatch.setattr(flax_model, "chunks_side_by_side", recorded_sides)
     chunked = jax.value_and_grad(loss, has_aux=True)(variables["params"])
     assert seen == chunks
+    assert seen_sides == sides
     for a, b in zip(jax.tree.leaves(chunked), jax.tree.leaves(whole)):
         np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-6)
 
@@ -130,6 +140,12 @@ def test_chunks_divide_the_batch_unless_that_takes_too_many(monkeypatch):
     assert batch_chunk(128, 1000) == 16  # 8 even chunks against the budget's 7
     assert batch_chunk(148, 1000) == 19  # 8 chunks, the last padded, not 37 even chunks of 4
     assert batch_chunk(3, 10**6) == 3  # fewer images than the minimum: one chunk
+
+
+def test_only_an_even_number_of_chunks_of_small_images_runs_side_by_side():
+    assert chunks_side_by_side(16, 256) == 2
+    assert chunks_side_by_side(15, 256) == 1  # an odd chunk would have no partner
+    assert chunks_side_by_side(32, 1024) == 1  # XLA splits these images' dots across threads itself
 
 
 def test_unknown_merge_is_refused():
