@@ -164,9 +164,10 @@ def batch_chunk(n: int, elements_per_image: int) -> int:
 # XLA:CPU runs a small dot (one image's, up to about 256 rows) on one thread, and a loop body of at
 # most 8 thunks one thunk after another; two chunks computed side by side in each step of the loop are
 # two independent chains its thunk executor runs on both cores. Seed preset, forward + backward on the
-# 2-core AMD EPYC (AVX2): block 2 (16x16) 49.7 -> 42.5 ms, block 3 (8x8) 48.3 -> 37.9 ms; sixteen images
-# a step in one chain took 50.1 / 49.5 ms, so the gain is the second chain. Block 1 (32x32, whose dots
-# XLA splits itself) went 88.5 -> 99.9 ms side by side, so larger images keep one chunk a step.
+# 2-core AMD EPYC (AVX2), chunks of 8: block 2 (16x16) 49.1 -> 42.0 ms, block 3 (8x8) 50.1 -> 36.1 ms;
+# sixteen images a step in one chain took 49.8 / 47.8 ms, so the gain is the second chain. Train step,
+# in-process A/B: 238 -> 224 ms, and 255 ms with the 32x32 convolutions (stem, block 1), whose dots
+# XLA already threads, side by side too (results/benchmark/amd-avx2-side-by-side/).
 SIDE_BY_SIDE_MAX_ROWS = 256
 SIDE_BY_SIDE_CHUNKS = 2
 
