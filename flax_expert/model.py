@@ -161,9 +161,9 @@ def batch_chunk(n: int, elements_per_image: int) -> int:
     return -(-n // fewest_chunks)
 
 
-# XLA:CPU runs a small dot (one image's, up to about 256 rows) on one thread, and a loop body of at
-# most 8 thunks one thunk after another; two chunks computed side by side in each step of the loop are
-# two independent chains its thunk executor runs on both cores. Seed preset, forward + backward on the
+# XLA:CPU runs a small dot (one image's, up to about 256 rows) on one thread, and one chunk's thunks in a
+# step of the loop form a chain, each waiting for the last; two chunks side by side are two independent
+# chains, which its thunk executor runs on both cores at once. Seed preset, forward + backward on the
 # 2-core AMD EPYC (AVX2), chunks of 8: block 2 (16x16) 49.1 -> 42.0 ms, block 3 (8x8) 50.1 -> 36.1 ms;
 # sixteen images a step in one chain took 49.8 / 47.8 ms, so the gain is the second chain. Train step,
 # in-process A/B: 238 -> 224 ms, and 255 ms with the 32x32 convolutions (stem, block 1), whose dots
