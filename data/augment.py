@@ -1,7 +1,7 @@
 """The seed's four augmentations: flip, zero-pad random crop, colour jitter, rotation.
 
 The pixel maths (`apply_augmentation`) is written once against an array-API namespace `xp`, so
-numpy (parity batches, the benchmark), jax.numpy (Flax, inside jit) and `array_api_compat.torch`
+numpy (parity batches), jax.numpy (Flax, inside jit) and `array_api_compat.torch`
 (PyTorch training, on its device) run the very same operations. Only the random draws differ per
 framework: `draw_augment_params` draws them from a numpy Generator (PyTorch moves them to its
 device); `flax_expert` draws the same distributions from a JAX key.

@@ -59,7 +59,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
                               "or move it away to resume from the checkpoint before it.") from error
     if not blob.startswith(MAGIC):
         raise CheckpointError(f"{path}: expected a file starting with {MAGIC!r}, found {blob[:24]!r}. "
-                              "It is not an expert-cnn checkpoint of this format, or its start is damaged.")
+                              "It is not an expert-cnn checkpoint of this format, or its start is damaged: move it "
+                              "away to resume from the checkpoint before it.")
     checksum_line, body = blob[len(MAGIC):len(MAGIC) + _CHECKSUM_LINE], blob[len(MAGIC) + _CHECKSUM_LINE:]
     found = hashlib.sha256(body).hexdigest().encode()
     if checksum_line != b"sha256 " + found + b"\n":
@@ -74,7 +75,8 @@ def read_checkpoint(path: Path) -> Checkpoint:
         header = None
     if not isinstance(header, dict) or not isinstance(header.get("epoch"), int):
         raise CheckpointError(f"{path}: expected a JSON header with an epoch, found {header_line[:60]!r}; "
-                              "the file was not written by this project's checkpoint writer.")
+                              "the file was not written by this project's checkpoint writer. Move it away to resume "
+                              "from the checkpoint before it.")
     return Checkpoint(path, header, payload)
 
 

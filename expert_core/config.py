@@ -65,7 +65,8 @@ AGGREGATE_MIN_PIXELS = 64
 AGGREGATE_MAX_CHANNELS_PER_PIXEL = {"flax": None, "torch": None, "torch-avx512": 2}
 # Elements per image (its input or patches, output and own kernel) that one chunk of a chunked
 # convolution takes at a time on the CPU, in either framework: about 6 MB of float32, which stays in
-# cache where the whole batch's tensors stream through memory (README "Speed" has the figures).
+# cache where the whole batch's tensors stream through memory (README "Speed" has the figures). Flax
+# computes two chunks at once on images of 16x16 pixels or fewer (flax_expert.model.SIDE_BY_SIDE_CHUNKS).
 CPU_CHUNK_ELEMENTS = 1_500_000
 # Fewer images a chunk than this make the per-image work too small, in either framework. Flax: on every
 # block shape of the seed and fast presets, chunks of 2 ran 8-30 % slower than chunks of 4 (forward +
@@ -161,7 +162,7 @@ class ModelConfig:
                     f"got {in_channels} -> {block.out_channels}, pool={block.pool}")
             in_channels = block.out_channels
         if problems:
-            raise ValueError("invalid ModelConfig: " + "; ".join(problems))
+            raise ValueError("invalid ModelConfig: " + "; ".join(problems) + ". Change those fields.")
 
     def block_in_channels(self) -> list[int]:
         return [self.stem_channels] + [b.out_channels for b in self.blocks[:-1]]
@@ -233,22 +234,20 @@ class TrainConfig:
     test_time_translate: int = 0
 
     def __post_init__(self):
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {OPTIMIZERS}, got {self.optimizer!r}")
-        if self.lr_schedule not in LR_SCHEDULES:
-            raise ValueError(f"lr_schedule must be one of {LR_SCHEDULES}, got {self.lr_schedule!r}")
-        if self.stem_init not in STEM_INITS:
-            raise ValueError(f"stem_init must be one of {STEM_INITS}, got {self.stem_init!r}")
-        if self.expert_kernel_init not in EXPERT_KERNEL_INITS:
-            raise ValueError(f"expert_kernel_init must be one of {EXPERT_KERNEL_INITS}, "
-                             f"got {self.expert_kernel_init!r}")
+        choices = {"optimizer": OPTIMIZERS, "lr_schedule": LR_SCHEDULES, "stem_init": STEM_INITS,
+                   "expert_kernel_init": EXPERT_KERNEL_INITS}
+        problems = [f"{name} must be one of {allowed}, got {getattr(self, name)!r}"
+                    for name, allowed in choices.items() if getattr(self, name) not in allowed]
         if self.lookahead_period < 0 or not 0 <= self.lookahead_decay < 1:
-            raise ValueError(f"lookahead_period must be >= 0 and lookahead_decay in [0, 1), got "
-                             f"{self.lookahead_period} and {self.lookahead_decay}")
+            problems.append(f"lookahead_period must be >= 0 and lookahead_decay in [0, 1), got "
+                            f"{self.lookahead_period} and {self.lookahead_decay}")
         if not self.norm_bias_lr_scale > 0:
-            raise ValueError(f"norm_bias_lr_scale must be > 0, got {self.norm_bias_lr_scale}")
+            problems.append(f"norm_bias_lr_scale must be > 0, got {self.norm_bias_lr_scale}")
         if self.test_time_translate < 0:
-            raise ValueError(f"test_time_translate must be >= 0 pixels, got {self.test_time_translate}")
+            problems.append(f"test_time_translate must be >= 0 pixels, got {self.test_time_translate}")
+        if problems:
+            raise ValueError("invalid TrainConfig: " + "; ".join(problems) + ". Change those fields (the "
+                             "training scripts' flags of the same names set the ones they offer).")
 
 
 @dataclass(frozen=True)

@@ -15,4 +15,4 @@ def refuse_counts_below_one(parser: argparse.ArgumentParser, args: argparse.Name
     """argparse's usage error (exit 2) naming every count flag among `names` set below 1, if any."""
     problems = counts_below_one(args, names)
     if problems:
-        parser.error(f"expected {'; '.join(problems)}.")
+        parser.error(f"expected {'; '.join(problems)}. Change those flags (--help describes them).")

@@ -164,9 +164,9 @@ def batch_chunk(n: int, elements_per_image: int) -> int:
 # XLA:CPU runs a small dot (one image's, up to about 256 rows) on one thread, and one chunk's thunks in a
 # step of the loop form a chain, each waiting for the last; two chunks side by side are two independent
 # chains, which its thunk executor runs on both cores at once. Seed preset, forward + backward on the
-# 2-core AMD EPYC (AVX2), chunks of 8: block 2 (16x16) 49.1 -> 42.0 ms, block 3 (8x8) 50.1 -> 36.1 ms;
+# 2-core AMD EPYC (AVX2), chunks of 8: blocks_1 (16x16) 49.1 -> 42.0 ms, blocks_2 (8x8) 50.1 -> 36.1 ms;
 # sixteen images a step in one chain took 49.8 / 47.8 ms, so the gain is the second chain. Train step,
-# in-process A/B: 238 -> 224 ms, and 255 ms with the 32x32 convolutions (stem, block 1), whose dots
+# in-process A/B: 238 -> 224 ms, and 255 ms with the 32x32 convolutions (stem, blocks_0), whose dots
 # XLA already threads, side by side too (results/benchmark/amd-avx2-side-by-side/).
 SIDE_BY_SIDE_MAX_ROWS = 256
 SIDE_BY_SIDE_CHUNKS = 2
@@ -174,7 +174,7 @@ SIDE_BY_SIDE_CHUNKS = 2
 
 def chunks_side_by_side(n_chunks: int, rows_per_image: int) -> int:
     """How many chunks each step of the chunk loop computes as independent chains: SIDE_BY_SIDE_CHUNKS
-    for small images when they divide the chunks, else 1."""
+    for images of at most SIDE_BY_SIDE_MAX_ROWS pixels when it divides n_chunks, else 1."""
     if rows_per_image <= SIDE_BY_SIDE_MAX_ROWS and n_chunks % SIDE_BY_SIDE_CHUNKS == 0:
         return SIDE_BY_SIDE_CHUNKS
     return 1
@@ -185,9 +185,9 @@ def in_batch_chunks(compute, elements_per_image: int, *batched):
     over the batch (lax.map), `chunks_side_by_side` chunks a step.
 
     A whole batch's patches (151 MB for 128 images at 32x32x32) stream through memory at XLA:CPU's
-    copy speed, which made them most of the train step; a chunk's stay in cache. Each chunk is
-    rematerialised in the backward pass (jax.checkpoint): storing every chunk's
-    patches for the gradient would bring back the whole-batch tensor this avoids.
+    copy speed, which made them most of the train step; a chunk's (or two side by side) stay in cache.
+    Each chunk is rematerialised in the backward pass (jax.checkpoint): storing every chunk's patches
+    for the gradient would bring back the whole-batch tensor this avoids.
     """
     n, height, width = batched[0].shape[:3]
     chunk = batch_chunk(n, elements_per_image)

@@ -1,4 +1,5 @@
-"""Flax training: a TrainState with batch_stats, one jitted train step, one jitted eval step.
+"""Flax training: a TrainState with batch_stats, jitted train steps (one augmenting on the device),
+one jitted eval step.
 
 The optimiser is the PyTorch side's, transform for transform: L2-coupled Adam is
 `add_decayed_weights -> scale_by_adam -> scale_by_learning_rate(schedule)` (PyTorch's

@@ -1,7 +1,7 @@
 """The numerical parity checks: same weights, same images, same numbers, within stated tolerances.
 
 Each check returns `Check` rows. Train-mode checks run with dropout off, since the two frameworks
-cannot share a dropout mask; everything else is the model exactly as configured. Float32 on the CPU.
+cannot share a dropout mask; everything else is the model exactly as configured. Float32 and float64, on the CPU.
 """
 
 from __future__ import annotations

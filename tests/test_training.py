@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from expert_core import checkpoints, runfiles
-from expert_core.config import PRESETS, get_preset
+from expert_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
 from expert_core.portable import PortingError, load_portable
 from expert_core.report import evaluation_settings
 from expert_core.dirac import dirac_expert_kernels
@@ -114,6 +114,15 @@ def test_final_evaluation_adds_the_translated_views_and_the_weights_remember_the
     np.testing.assert_allclose(saved["logits"], views[1], rtol=1e-5, atol=1e-5)
     assert np.abs(views[1] - views[0]).max() > 1e-3
     assert summary["final_evaluation_seconds"] > 0
+
+
+def test_every_problem_of_a_config_is_reported_together():
+    with pytest.raises(ValueError, match=r"invalid TrainConfig: optimizer must be one of .*, got 'adam'; "
+                       r"test_time_translate must be >= 0 pixels, got -1\. Change those fields"):
+        TrainConfig(optimizer="adam", test_time_translate=-1)
+    with pytest.raises(ValueError, match=r"invalid ModelConfig: kernel_size must be odd .*, got 4; "
+                       r"num_experts must be >= 1, got 0\. Change those fields"):
+        ModelConfig(kernel_size=4, num_experts=0)
 
 
 def test_a_checkpoint_from_before_the_test_subset_was_recorded_resumes(tmp_path):

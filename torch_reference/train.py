@@ -37,7 +37,8 @@ def resolve_device(device: str, local_rank: int = 0) -> torch.device:
     try:
         resolved = torch.device(device)
     except RuntimeError as error:
-        raise TrainingError(f"--device {device}: expected cpu, cuda, cuda:N or auto ({error}).") from error
+        raise TrainingError(f"--device {device}: expected cpu, cuda, cuda:N or auto ({error}); pass one of "
+                            "those.") from error
     if resolved.type == "cuda" and resolved.index is None:
         return torch.device("cuda", local_rank)  # torchrun starts one process per GPU of the host
     return resolved
@@ -88,10 +89,10 @@ class Lookahead:
     def after_step(self, step: int) -> None:
         if not schedules.lookahead_sync(step, self.config, self.steps_per_epoch):
             return
-        keep = 1 - schedules.lookahead_decay(step, self.config, self.steps_per_epoch)
+        take_in = 1 - schedules.lookahead_decay(step, self.config, self.steps_per_epoch)
         for name, weight in self.model.state_dict().items():  # these share the model's storage
             if name in self.slow:
-                self.slow[name].add_(weight - self.slow[name], alpha=keep)
+                self.slow[name].add_(weight - self.slow[name], alpha=take_in)
                 weight.copy_(self.slow[name])
 
 
