@@ -115,7 +115,7 @@ def test_merges_computed_in_batch_chunks_equal_the_whole_batch(monkeypatch, n, b
 
     whole = jax.value_and_grad(loss, has_aux=True)(variables["params"])
     monkeypatch.setattr(core_config, "CPU_CHUNK_ELEMENTS", budget)
-    seen = []
+    seen, seen_sides = [], []
 
     def recorded_batch_chunk(n, elements_per_image):
         seen.append(batch_chunk(n, elements_per_image))
@@ -125,7 +125,6 @@ def test_merges_computed_in_batch_chunks_equal_the_whole_batch(monkeypatch, n, b
         seen_sides.append(chunks_side_by_side(n_chunks, rows_per_image))
         return seen_sides[-1]
 
-    seen_sides = []
     monkeypatch.setattr(flax_model, "batch_chunk", recorded_batch_chunk)
     monkeypatch.setattr(flax_model, "chunks_side_by_side", recorded_sides)
     chunked = jax.value_and_grad(loss, has_aux=True)(variables["params"])

@@ -12,23 +12,18 @@ import jax.numpy as jnp
 import numpy as np
 
 from expert_core.runfiles import cpu_name
-from flax_expert.model import extract_patches
+from flax_expert import model as flax_model
 
 
 def merge_side_by_side(x, kernels, attention, side, chunk):
-    experts, k, _, c_in, c_out = kernels.shape
-
-    def compute(x, attention):
-        n, h, w, _ = x.shape
-        per_sample = (attention @ kernels.reshape(experts, -1)).reshape(n, k * k * c_in, c_out)
-        return jnp.einsum("npq,nqo->npo", extract_patches(x, k), per_sample).reshape(n, h, w, c_out)
-
-    steps = [b.reshape(len(x) // (side * chunk), side, chunk, *b.shape[1:]) for b in (x, attention)]
-
-    def step(args):
-        return jnp.stack([jax.checkpoint(compute)(*(a[i] for a in args)) for i in range(side)])
-
-    return jax.lax.map(step, steps).reshape(len(x), *x.shape[1:3], c_out)
+    """flax_expert.model.merge_aggregated itself, with its chunk rules fixed to `side` chunks of `chunk`
+    images a loop step while it is traced."""
+    rules = flax_model.batch_chunk, flax_model.chunks_side_by_side
+    flax_model.batch_chunk, flax_model.chunks_side_by_side = (lambda n, elements: chunk), (lambda n, rows: side)
+    try:
+        return flax_model.merge_aggregated(x, kernels, attention)
+    finally:
+        flax_model.batch_chunk, flax_model.chunks_side_by_side = rules
 
 
 def main():
