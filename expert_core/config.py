@@ -65,8 +65,9 @@ AGGREGATE_MIN_PIXELS = 64
 AGGREGATE_MAX_CHANNELS_PER_PIXEL = {"flax": None, "torch": None, "torch-avx512": 2}
 # Elements per image (its input or patches, output and own kernel) that one chunk of a chunked
 # convolution takes at a time on the CPU, in either framework: about 6 MB of float32, which stays in
-# cache where the whole batch's tensors stream through memory (README "Speed" has the figures). Flax
-# computes two chunks at once on images of 16x16 pixels or fewer (flax_expert.model.SIDE_BY_SIDE_CHUNKS).
+# cache where the whole batch's tensors stream through memory (results/benchmark/README.md has the
+# figures). Flax computes two chunks at once on images of 16x16 pixels or fewer
+# (flax_expert.model.SIDE_BY_SIDE_CHUNKS).
 CPU_CHUNK_ELEMENTS = 1_500_000
 # Fewer images a chunk than this make the per-image work too small, in either framework. Flax: on every
 # block shape of the seed and fast presets, chunks of 2 ran 8-30 % slower than chunks of 4 (forward +

@@ -50,7 +50,8 @@ def normalise_by_batch(x, scale, bias, epsilon: float):
 
     The gradient is written by hand (`_normalise_by_batch_backward`): autodiff of the forward pass
     walks the batch-sized tensors once per term. Train step on a 2-core Intel Xeon, both versions
-    alternating in one process: seed 370 -> 341 ms, fast 1956 -> 1856 ms (medians; README "Speed").
+    alternating in one process: seed 370 -> 341 ms, fast 1956 -> 1856 ms (medians;
+    results/benchmark/README.md).
     """
     return _normalise_by_batch_forward(x, scale, bias, epsilon)[0]
 
