@@ -97,9 +97,12 @@ class BatchNorm(nn.Module):
         bias = self.param("bias", nn.initializers.zeros, (channels,))
         if not train:
             return (x - running_mean.value) * jax.lax.rsqrt(running_var.value + self.epsilon) * scale + bias
+        n = x.size // channels
+        if n < 2:
+            raise ValueError(f"BatchNorm in training needs more than one value per channel, found input of shape "
+                             f"{x.shape}; train on a larger batch or a model with fewer pooling blocks.")
         if not self.is_initializing():
             mean, var = jax.lax.stop_gradient(batch_statistics(x))
-            n = x.size // channels
             running_mean.value = (1 - self.momentum) * running_mean.value + self.momentum * mean
             running_var.value = (1 - self.momentum) * running_var.value + self.momentum * var * (n / (n - 1))
         return normalise_by_batch(x, scale, bias, self.epsilon)

@@ -55,8 +55,10 @@ def _lookahead(state: TrainState, lookahead: tuple[TrainConfig, int]) -> TrainSt
     step = state.step - 1
 
     def sync(state):
-        # In the parameters' float: int32 steps would divide in float32 even under float64 parity.
-        decay = schedules.lookahead_decay(jnp.asarray(step, float), config, steps_per_epoch)
+        # In the parameters' float: int32 steps would divide in float32 even under float64 parity, and a
+        # float64 decay would turn float32 weights into float64 ones where x64 is on for another backend.
+        dtype = jax.tree.leaves(state.params)[0].dtype
+        decay = schedules.lookahead_decay(jnp.asarray(step, dtype), config, steps_per_epoch)
         current = {"params": state.params, "batch_stats": state.batch_stats}
         slow = jax.tree.map(lambda s, w: s + (1 - decay) * (w - s), state.slow, current)
         return state.replace(params=slow["params"], batch_stats=slow["batch_stats"], slow=slow)
@@ -71,6 +73,9 @@ def create_optimizer(config: TrainConfig, steps_per_epoch: int,
     PyTorch parameter group does."""
     if config.norm_bias_lr_scale == 1:
         return _optimizer(config, steps_per_epoch, lr_scale=1.0)
+    if not norm_biases:
+        raise ValueError(f"norm_bias_lr_scale {config.norm_bias_lr_scale} needs the BatchNorm biases' params paths, "
+                         "found none; pass norm_biases=norm_bias_paths(model_config).")
 
     def labels(params):
         return flax.traverse_util.path_aware_map(
@@ -119,7 +124,7 @@ def create_train_state(model: ExpertCNN, config: TrainConfig, steps_per_epoch: i
 
 def train_state_from_variables(model: ExpertCNN, variables, config: TrainConfig, steps_per_epoch: int,
                                key: jax.Array) -> TrainState:
-    """A fresh optimiser over given weights; `key` seeds the step's dropout and nothing else."""
+    """A fresh optimiser over given weights; `key` roots every step's augmentation and dropout draws."""
     state = TrainState.create(apply_fn=model.apply, params=variables["params"],
                               batch_stats=variables["batch_stats"], key=key,
                               tx=create_optimizer(config, steps_per_epoch, norm_bias_paths(model.config)),
@@ -148,19 +153,25 @@ def _update(state: TrainState, images, labels, temperature, dropout_key, smoothi
                    "grad_norm": optax.tree.norm(grads)}
 
 
+def step_keys(state: TrainState) -> tuple[jax.Array, jax.Array]:
+    """The step's augmentation and dropout keys, one derivation for both train steps: the same state
+    draws the same dropout masks whether the step augments or is handed an augmented batch."""
+    augment_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
+    return augment_key, dropout_key
+
+
 @functools.partial(jax.jit, donate_argnums=0, static_argnames=("smoothing", "lookahead"))
 def train_step(state: TrainState, images, labels, temperature, smoothing: float, lookahead=None):
     """One step on an already augmented uint8 batch (how parity feeds identical batches to both sides);
     `lookahead`: `lookahead_of(recipe, steps_per_epoch)`."""
-    return _update(state, images, labels, temperature, jax.random.fold_in(state.key, state.step), smoothing,
-                   lookahead)
+    return _update(state, images, labels, temperature, step_keys(state)[1], smoothing, lookahead)
 
 
 @functools.partial(jax.jit, donate_argnums=0, static_argnames=("augment", "smoothing", "lookahead"))
 def augmented_train_step(state: TrainState, images, labels, temperature, augment: AugmentConfig,
                          smoothing: float, lookahead=None):
     """One step that first augments the raw uint8 batch on the device, from the state's key and step."""
-    augment_key, dropout_key = jax.random.split(jax.random.fold_in(state.key, state.step))
+    augment_key, dropout_key = step_keys(state)
     # The barrier makes XLA write the augmented batch once: fused into its consumers (the stem's nine
     # shifted patch slices) the augmentation's gathers were recomputed for each.
     augmented = jax.lax.optimization_barrier(augment_batch(images, augment_key, augment))
@@ -211,7 +222,14 @@ def initialize_multihost() -> None:
 
 
 def _env_int(name: str) -> int | None:
-    return int(os.environ[name]) if os.environ.get(name) else None
+    value = os.environ.get(name)
+    if not value:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        raise TrainingError(f"{name}={value!r}: expected a whole number; set it to one, or unset it to let JAX "
+                            "detect it.") from None
 
 
 class FlaxBackend:
@@ -274,7 +292,7 @@ class FlaxBackend:
             padded = np.pad(batch, ((0, size - len(batch)), (0, 0), (0, 0), (0, 0)))  # one shape, one compile
             outputs = eval_step(self.state, self.shard(padded), temperature, self.config.test_time_flip, translate)
             logits, attention = multihost_utils.process_allgather(outputs, tiled=True)
-            batches.append((logits[:len(batch)], [a[:len(batch)] for a in attention]))
+            batches.append((np.float32(logits[:len(batch)]), [np.float32(a[:len(batch)]) for a in attention]))
         return Predictions.from_batches(batches)
 
     def state_bytes(self) -> bytes:

@@ -1,7 +1,8 @@
 """The numerical parity checks: same weights, same images, same numbers, within stated tolerances.
 
 Each check returns `Check` rows. Train-mode checks run with dropout off, since the two frameworks
-cannot share a dropout mask; everything else is the model exactly as configured. Float32 and float64, on the CPU.
+cannot share a dropout mask; everything else is the model exactly as configured. Float32 and float64:
+PyTorch on the CPU, JAX on its default device (on a GPU host the GPU, with full float32 matmuls).
 """
 
 from __future__ import annotations

@@ -165,6 +165,14 @@ def test_batchnorm_running_variance_is_the_unbiased_one():
     np.testing.assert_allclose(np.asarray(y).reshape(n, 3), normalised, atol=1e-4)
 
 
+def test_batchnorm_in_training_refuses_one_value_per_channel_as_pytorch_does():
+    x = np.ones((1, 1, 1, 3), np.float32)
+    bn = BatchNorm(momentum=0.1, epsilon=1e-5)
+    variables = bn.init(jax.random.PRNGKey(0), x, train=False)
+    with pytest.raises(ValueError, match=r"more than one value per channel, found input of shape \(1, 1, 1, 3\)"):
+        bn.apply(variables, x, train=True, mutable=["batch_stats"])
+
+
 def test_batchnorm_hand_written_gradient_equals_autodiff_of_the_formula():
     def formula(x, scale, bias):
         mean = x.mean(axis=(0, 1, 2))

@@ -37,11 +37,14 @@ def test_no_recompilation_across_steps_temperatures_and_a_partial_eval_batch():
     assert flax_train.eval_step._cache_size() - eval_before == 1
 
 
-def test_external_numpy_batches_train_and_match_the_augmenting_step_without_augmentation():
-    """The parity entry point: an already augmented batch, as numpy, gives the same step."""
+@pytest.mark.parametrize("config", [CONFIG, dataclasses.replace(CONFIG, classifier_hidden=8, dropout=0.5)],
+                         ids=["no-dropout", "dropout"])
+def test_external_numpy_batches_train_and_match_the_augmenting_step_without_augmentation(config):
+    """The parity entry point: an already augmented batch, as numpy, gives the same step, dropout masks
+    included."""
     quiet = dataclasses.replace(RECIPE, augment=dataclasses.replace(
         RECIPE.augment, flip=False, crop_padding=0, brightness=0, contrast=0, saturation=0, rotation_degrees=0))
-    model = flax_train.ExpertCNN(CONFIG)
+    model = flax_train.ExpertCNN(config)
     images, labels = batch(16)
     first = flax_train.create_train_state(model, quiet, 4, jax.random.PRNGKey(0))
     second = flax_train.create_train_state(model, quiet, 4, jax.random.PRNGKey(0))
@@ -65,6 +68,27 @@ def test_adam_l2_is_weight_decay_added_to_the_gradient_before_adam():
     adamw = flax_train.create_optimizer(dataclasses.replace(recipe, optimizer="adamw"), steps_per_epoch=10)
     decoupled, _ = adamw.update(grads, adamw.init(params), params)
     assert not np.allclose(decoupled["w"], ours_update["w"])
+
+
+def test_a_lookahead_step_keeps_float32_weights_float32_where_x64_is_on():
+    recipe = dataclasses.replace(RECIPE, lookahead_period=1)
+    with jax.enable_x64(True):
+        state = flax_train.create_train_state(flax_train.ExpertCNN(CONFIG), recipe, 4, jax.random.PRNGKey(0))
+        state, _ = flax_train.train_step(state, *batch(16), 1.0, recipe.label_smoothing,
+                                         flax_train.lookahead_of(recipe, 4))
+    assert {leaf.dtype for leaf in jax.tree.leaves((state.params, state.slow))} == {jnp.dtype(jnp.float32)}
+
+
+def test_scaled_batchnorm_biases_without_their_paths_are_refused():
+    with pytest.raises(ValueError, match="norm_bias_paths"):
+        flax_train.create_optimizer(dataclasses.replace(RECIPE, norm_bias_lr_scale=8.0), 10)
+
+
+def test_a_process_count_that_is_not_a_number_is_named(monkeypatch):
+    monkeypatch.setenv("JAX_COORDINATOR_ADDRESS", "localhost:1234")
+    monkeypatch.setenv("JAX_NUM_PROCESSES", "two")
+    with pytest.raises(TrainingError, match="JAX_NUM_PROCESSES='two': expected a whole number"):
+        flax_train.initialize_multihost()
 
 
 def test_only_batchnorm_biases_take_the_scaled_learning_rate():

@@ -117,10 +117,10 @@ def test_only_a_cpu_with_avx512_takes_the_avx512_merge_rule(monkeypatch):
 
 # MIXED on 8x8 images holds 1,092 elements an image in block 0 (kernel, input, output), 1,564 in block 1.
 @pytest.mark.parametrize("budget, min_images, chunk_sizes",
-                         [(1, 1, [1] * 12), (5_000, 1, [4, 2, 3, 3]), (1, 4, [4, 2] * 2)],
-                         ids=["one-image-chunks", "uneven-chunks", "at-least-the-minimum"])
+                         [(1, 1, [1] * 14), (5_000, 1, [4, 3, 3, 2, 2]), (1, 4, [4, 3] * 2)],
+                         ids=["one-image-chunks", "as-even-as-they-come", "at-least-the-minimum"])
 def test_aggregated_merge_in_batch_chunks_equals_the_whole_batch(monkeypatch, budget, min_images, chunk_sizes):
-    model, x = make_model(MIXED), make_input(n=6)
+    model, x = make_model(MIXED), make_input(n=7)
     whole = run_merge(model, "aggregated", x, train=True)
     seen, conv = [], torch_model._aggregated_conv
     monkeypatch.setattr(torch_model, "_aggregated_conv", lambda x, *rest: seen.append(len(x)) or conv(x, *rest))

@@ -71,8 +71,11 @@ def merge_aggregated(x, kernels, attention, padding):
     size = cpu_chunk_images(per_image) if x.device.type == "cpu" else len(x)
     if size >= len(x):
         return _aggregated_conv(x, kernels, attention, padding)
+    # As few chunks as the size allows, as even as they come (as Flax's batch_chunk): split by size,
+    # 128 images in chunks of 21 would end in a chunk of 2, which runs slower an image.
+    chunks = -(-len(x) // size)
     return torch.cat([_aggregated_conv(x_part, kernels, a_part, padding)
-                      for x_part, a_part in zip(x.split(size), attention.split(size))])
+                      for x_part, a_part in zip(x.tensor_split(chunks), attention.tensor_split(chunks))])
 
 
 def _aggregated_conv(x, kernels, attention, padding):
@@ -200,7 +203,7 @@ class ExpertCNN(nn.Module):
     def forward(self, x, temperature: float | None = None, return_attention: bool = False):
         """Logits (N, classes), plus the per-block attention (N, K) list when return_attention."""
         temperature = self.config.temperature if temperature is None else temperature
-        # The usual float32 batch meets a .double() model (parity's float64 checks) in float64.
+        # The usual float32 batch meets a float64 model (parity's float64 checks, --precision float64) in float64.
         x = self.stem(x.to(self.stem.conv.weight.dtype), self.compute_dtype)
         attention = []
         for block in self.blocks:

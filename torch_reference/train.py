@@ -159,7 +159,8 @@ class TorchBackend:
 
     def step_on_batch(self, images: np.ndarray | torch.Tensor, labels: np.ndarray, temperature: float):
         """One optimiser step on an already augmented uint8 batch, this process's part of the global one
-        (parity feeds these directly). Returns the global batch's mean loss and number correct."""
+        (parity feeds these directly). Returns the global batch's mean loss, its number correct and the
+        gradient norm."""
         self.model.train()
         x = to_model_input(images).to(self.torch_device)
         y = torch.as_tensor(labels, dtype=torch.long, device=self.torch_device)
