@@ -19,7 +19,7 @@ import numpy as np
 
 from expert_core.config import AugmentConfig
 
-# ITU-R 601 luma weights, as torchvision's rgb_to_grayscale uses.
+# ITU-R 601 luma weights, as PIL's convert("L") uses (torchvision's rgb_to_grayscale rounds the first to 0.2989).
 _LUMA = (0.299, 0.587, 0.114)
 
 
@@ -117,7 +117,7 @@ def _rotate(images, angle, xp):
 def evaluation_views(translate: int) -> tuple[tuple[int, int, float], ...]:
     """The (dy, dx, weight) views whose weighted logits make a prediction: the image itself and, for
     `translate` > 0, the image shifted diagonally by +-translate pixels. The unshifted view keeps half
-    the weight: it is the one the model sees most often in training (crop offsets peak at zero shift)."""
+    the weight, as in airbench's test-time translation; the weights were not tuned here."""
     if translate == 0:
         return ((0, 0, 1.0),)
     return ((0, 0, 0.5), (translate, translate, 0.25), (-translate, -translate, 0.25))

@@ -202,7 +202,8 @@ def _decode_image(file: Path, Image) -> np.ndarray:
     return pixels
 
 
-def read_tfds() -> Splits:
+def read_tfds(download: bool = False) -> Splits:
+    """tensorflow-datasets' copy, fetched only with `download`, in the official order."""
     try:
         import tensorflow  # noqa: F401  (tfds needs it to build the data set)
         import tensorflow_datasets as tfds
@@ -213,9 +214,22 @@ def read_tfds() -> Splits:
                         "pickles, image folder).") from error
     splits = {}
     for split in IMAGES_PER_CLASS:
-        arrays = tfds.as_numpy(tfds.load("cifar10", split=split, batch_size=-1))
-        splits[split] = (np.asarray(arrays["image"], np.uint8), np.asarray(arrays["label"], np.int64))
+        try:
+            arrays = tfds.as_numpy(tfds.load("cifar10", split=split, batch_size=-1, download=download))
+        except Exception as error:  # tfds and TensorFlow raise their own kinds for a missing or cut copy
+            raise DataError("tensorflow-datasets:cifar10", f"a prepared {split} split",
+                            f"{type(error).__name__}: {error}",
+                            "Pass --download to let tfds fetch and prepare it, or use another source.") from error
+        splits[split] = in_official_order(arrays)
     return splits
+
+
+def in_official_order(arrays: dict) -> tuple[np.ndarray, np.ndarray]:
+    """tfds stores its records shuffled; their ids ("train_00042": the 43rd image of the official
+    batches) put them back, so that positions (subsets, epoch orders, test indices) mean the images
+    they mean for the archive."""
+    order = np.argsort(np.asarray(arrays["id"]), kind="stable")
+    return np.asarray(arrays["image"], np.uint8)[order], np.asarray(arrays["label"], np.int64)[order]
 
 
 def check_counts(splits: Splits, where: str) -> None:

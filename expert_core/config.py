@@ -184,6 +184,18 @@ class AugmentConfig:
     saturation: float = 0.2
     rotation_degrees: float = 15.0
 
+    def __post_init__(self):
+        # A strength over 1 draws negative colour factors, which invert colours; a negative padding
+        # is refused by numpy's draws but not by JAX's, so the two frameworks would part ways.
+        problems = [f"{name} must be in [0, 1], got {getattr(self, name)}" for name in
+                    ("brightness", "contrast", "saturation") if not 0 <= getattr(self, name) <= 1]
+        if self.crop_padding < 0:
+            problems.append(f"crop_padding must be >= 0 pixels, got {self.crop_padding}")
+        if self.rotation_degrees < 0:
+            problems.append(f"rotation_degrees must be >= 0, got {self.rotation_degrees}")
+        if problems:
+            raise ValueError("invalid AugmentConfig: " + "; ".join(problems) + ". Change those fields.")
+
 
 # "adam_l2": PyTorch's Adam(weight_decay=w), w * p added to the gradient; "adamw": decoupled decay;
 # "sgd_nesterov": PyTorch's SGD(momentum, nesterov=True, weight_decay=w), w * p added to the gradient.

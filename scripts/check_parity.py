@@ -21,6 +21,7 @@ from expert_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
 from expert_core.flags import refuse_counts_below_one
 from expert_core.report import LOAD_ERRORS
 from expert_core.runfiles import write_json
+from expert_core.training import subset_index
 from parity.checks import run_all
 from parity.convert import load_for_evaluation
 from torch_reference.model import canonical_to_torch
@@ -65,7 +66,9 @@ def main(argv=None) -> int:
     except (*LOAD_ERRORS, DataError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1
-    images, labels = dataset.test_images[:args.images], dataset.test_labels[:args.images]
+    # Spread over the test set: an image folder lists its classes in turn (the first 1000 are airplanes).
+    index = subset_index(len(dataset.test_labels), args.images)
+    images, labels = dataset.test_images[index], dataset.test_labels[index]
     print(f"parity on {len(images)} CIFAR-10 test images; weights: {source}", flush=True)
     start = time.perf_counter()
     rows = run_all(config, recipe, images, labels, state_dict, steps=args.steps,

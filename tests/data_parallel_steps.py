@@ -53,10 +53,13 @@ def main(framework: str, out: Path) -> None:
     dataset = load_cifar10()
     single, parallel = single_and_data_parallel(framework)
     batch = PRESET.train.batch_size
+    # Shuffled: an image folder lists its classes one after another, and batches of one label could not
+    # show the processes pairing labels with the wrong images.
+    order = np.random.default_rng(0).permutation(len(dataset.train_labels))
 
     def step_of(backend, step):
-        images = dataset.train_images[step * batch:(step + 1) * batch]
-        labels = dataset.train_labels[step * batch:(step + 1) * batch]
+        index = np.sort(order[step * batch:(step + 1) * batch])
+        images, labels = dataset.train_images[index], dataset.train_labels[index]
         return [float(value) for value in backend.train_step(images, labels, step, 1.0)]
 
     step_of(single, 0)

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from data import DataError, load_cifar10, sources
+from data import DataError, cifar10 as cifar10_module, load_cifar10, sources
 from expert_core.config import CIFAR10_MEAN, CIFAR10_STD, CLASS_NAMES
 
 PER_CLASS = sources.IMAGES_PER_CLASS
@@ -184,6 +184,40 @@ def image_folder(root, per_class=1, size=(32, 32), mode="RGB"):
             for i in range(per_class):
                 Image.new(mode, size, 128).save(root / split / name / f"{i:04d}.png")
     return root
+
+
+def test_an_image_folder_pairs_each_image_with_its_class_folder_in_file_order(tmp_path):
+    # Each image's red channel is its class, its green channel its file's place in the folder.
+    for split in PER_CLASS:
+        for label, name in enumerate(CLASS_NAMES):
+            (tmp_path / split / name).mkdir(parents=True)
+            for i in (2, 0, 1):  # written out of order: the reader sorts by name
+                Image.new("RGB", (32, 32), (label, i, 7)).save(tmp_path / split / name / f"{i:04d}.png")
+    splits = sources.read_image_folder(tmp_path)
+    for images, labels in splits.values():
+        assert labels.tolist() == [label for label in range(10) for _ in range(3)]
+        assert images[:, 0, 0, 0].tolist() == labels.tolist()
+        assert images[:, 0, 0, 1].tolist() == [0, 1, 2] * 10 and (images[..., 2] == 7).all()
+
+
+def test_tfds_records_are_put_back_in_the_official_order():
+    ids = np.array([b"train_00002", b"train_00000", b"train_00010", b"train_00001"], dtype=object)
+    places = np.array([2, 0, 10, 1])
+    arrays = {"id": ids, "image": np.broadcast_to(places[:, None, None, None], (4, 32, 32, 3)),
+              "label": places % 10}
+    images, labels = sources.in_official_order(arrays)
+    assert images[:, 0, 0, 0].tolist() == [0, 1, 2, 10] and labels.tolist() == [0, 1, 2, 0]
+    assert images.dtype == np.uint8 and labels.dtype == np.int64
+
+
+def test_a_new_jpeg_decoder_makes_an_image_folder_cache_stale_and_leaves_the_pickles_alone(tmp_path, monkeypatch):
+    folder, batches = image_folder(tmp_path / "folder"), tmp_path / "batches"
+    write_batches(batches, official_batches())
+    sources_now = (("imagefolder", folder), ("batches", batches))
+    before = [cifar10_module._fingerprint(kind, path) for kind, path in sources_now]
+    monkeypatch.setattr(cifar10_module.PIL, "__version__", "0.0-another-decoder")
+    after = [cifar10_module._fingerprint(kind, path) for kind, path in sources_now]
+    assert after[0] != before[0] and after[1] == before[1]
 
 
 @pytest.mark.parametrize("size, mode", [((31, 32), "RGB"), ((32, 32), "L"), ((32, 32), "RGBA")])

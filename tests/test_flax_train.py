@@ -27,14 +27,17 @@ def batch(n, seed=0):
 
 def test_no_recompilation_across_steps_temperatures_and_a_partial_eval_batch():
     backend = flax_train.FlaxBackend(CONFIG, RECIPE, steps_per_epoch=4, seed=0)
+    # The first step and prediction compile, unless an earlier test in this process did; none after may.
+    float(backend.train_step(*batch(16), 0, 5.0)[0])
+    backend.predict(batch(7)[0], 5.0)
     train_before = flax_train.augmented_train_step._cache_size()
     eval_before = flax_train.eval_step._cache_size()
-    for step, temperature in enumerate([5.0, 3.0, 1.0, 1.0, 1.0]):
+    for step, temperature in enumerate([3.0, 1.0, 1.0, 1.0], start=1):
         float(backend.train_step(*batch(16, step), step, temperature)[0])
     predictions = backend.predict(batch(flax_train.EVAL_BATCH + 37)[0], 1.0)
     assert predictions.logits.shape == (flax_train.EVAL_BATCH + 37, 10)
-    assert flax_train.augmented_train_step._cache_size() - train_before == 1
-    assert flax_train.eval_step._cache_size() - eval_before == 1
+    assert flax_train.augmented_train_step._cache_size() == train_before
+    assert flax_train.eval_step._cache_size() == eval_before
 
 
 @pytest.mark.parametrize("config", [CONFIG, dataclasses.replace(CONFIG, classifier_hidden=8, dropout=0.5)],

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from expert_core import checkpoints, runfiles
-from expert_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
+from expert_core.config import PRESETS, AugmentConfig, ModelConfig, TrainConfig, get_preset
 from expert_core.portable import PortingError, load_portable
 from expert_core.report import evaluation_settings
 from expert_core.dirac import dirac_expert_kernels
@@ -123,6 +123,9 @@ def test_every_problem_of_a_config_is_reported_together():
     with pytest.raises(ValueError, match=r"invalid ModelConfig: kernel_size must be odd .*, got 4; "
                        r"num_experts must be >= 1, got 0\. Change those fields"):
         ModelConfig(kernel_size=4, num_experts=0)
+    with pytest.raises(ValueError, match=r"invalid AugmentConfig: brightness must be in \[0, 1\], got 1.5; "
+                       r"crop_padding must be >= 0 pixels, got -1\. Change those fields"):
+        AugmentConfig(brightness=1.5, crop_padding=-1)
 
 
 def test_a_checkpoint_from_before_the_test_subset_was_recorded_resumes(tmp_path):
