@@ -40,7 +40,10 @@ def write_checkpoint(run_dir: Path, epoch: int, header: dict, payload: bytes) ->
     body = json.dumps({**header, "epoch": epoch}).encode() + b"\n" + payload
     path = checkpoint_path(run_dir, epoch)
     atomic_write_bytes(path, MAGIC + b"sha256 " + hashlib.sha256(body).hexdigest().encode() + b"\n" + body)
-    for old in list_checkpoints(run_dir)[:-KEEP]:
+    # Only those before it: a run that found no usable checkpoint starts again beside its damaged later
+    # ones, and pruning by name alone would delete each new checkpoint as soon as it was written.
+    older = [p for p in list_checkpoints(run_dir) if p.name < path.name]
+    for old in older[:len(older) - (KEEP - 1)]:
         old.unlink()
     return path
 

@@ -1,7 +1,8 @@
 """What a training run leaves in its directory, identical for both frameworks.
 
 - `metrics.jsonl`: one JSON object per epoch (losses, accuracies, learning rate, temperature,
-  seconds, images/s, and per block the mean attention per expert and the attention entropy).
+  seconds, images/s, and, for the epochs evaluated on the test set, per block the mean attention per
+  expert and the attention entropy).
 - `summary.json`: the final figures and everything needed to reproduce the run.
 - `evaluation.npz`: the last evaluation, for reports: `logits` (N, classes), `labels` (N,), each
   block's attention `attention_<b>` (N, K), and `test_index` (N,), where each image sits in the

@@ -75,7 +75,7 @@ class Backend(Protocol):
 
     def replace_weights(self, tensors: dict[str, np.ndarray]) -> None:
         """Overwrite the named canonical tensors (same names and shapes as canonical_weights()); the
-        others, and the optimiser state, stay as they are."""
+        others and the optimiser state stay as they are, and lookahead's average starts again from them."""
 
 
 BackendFactory = Callable[..., Backend]
@@ -178,7 +178,8 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
         with reporting_write_failures(run_dir, "the run directory"):
             prepare_run_dir(run_dir, args.resume, args.overwrite)
     # --overwrite emptied it: nothing to resume, and no process reads a directory being deleted.
-    history = resume_state(run_dir, spec, backend, dataset) if args.resume and not args.overwrite else []
+    sizes = data_sizes(steps_per_epoch, len(test_index))
+    history = resume_state(run_dir, spec, backend, dataset, sizes) if args.resume and not args.overwrite else []
     if not history:
         initialise_from_data(backend, spec.train, spec.model, train_x)
     eval_every = get_preset(args.preset).eval_every_epochs if args.eval_every is None else args.eval_every
@@ -259,6 +260,8 @@ def check_flag_values(args: argparse.Namespace) -> None:
         problems.append(f"--lr above 0, found {args.lr}")
     if args.weight_decay is not None and not args.weight_decay >= 0:
         problems.append(f"--weight-decay of at least 0, found {args.weight_decay}")
+    if args.seed < 0:  # numpy's generators take no negative seeds, and would refuse only at the first epoch
+        problems.append(f"--seed of at least 0, found {args.seed}")
     if problems:
         raise TrainingError(f"expected {'; '.join(problems)}. Change these flags (--help describes them).")
 
@@ -294,6 +297,18 @@ def refuse_a_used_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
     if used and not (resume or overwrite):
         raise TrainingError(f"{run_dir} is not empty; pass --resume to continue that run or --overwrite "
                             "to delete it and start again.")
+    if used and overwrite and not _looks_like_a_run_dir(run_dir):
+        found = sorted(p.name for p in run_dir.iterdir())
+        raise TrainingError(f"--overwrite deletes a run directory, and {run_dir} holds no {runfiles.METRICS_FILE}, "
+                            f"{runfiles.SUMMARY_FILE} or checkpoint: found {found[:8]}. Pass --out the run's own "
+                            "directory, or a new one.")
+
+
+def _looks_like_a_run_dir(run_dir: Path) -> bool:
+    """What a training run writes first: its metrics, its summary, or a checkpoint (a mistyped --out runs
+    or --out . holds none of them, and --overwrite must not empty it)."""
+    return ((run_dir / runfiles.METRICS_FILE).exists() or (run_dir / runfiles.SUMMARY_FILE).exists()
+            or bool(checkpoints.list_checkpoints(run_dir)))
 
 
 def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
@@ -305,7 +320,12 @@ def prepare_run_dir(run_dir: Path, resume: bool, overwrite: bool) -> None:
             print(f"--resume: removed {path.name}, left half written by a killed run", flush=True)
 
 
-def resume_state(run_dir: Path, spec: RunSpec, backend: Backend, dataset: Cifar10) -> list[dict]:
+def data_sizes(steps_per_epoch: int, test_images: int) -> dict[str, int]:
+    """What a checkpoint records of the data it trained on, beyond the run's flags."""
+    return {"steps_per_epoch": steps_per_epoch, "test_images": test_images}
+
+
+def resume_state(run_dir: Path, spec: RunSpec, backend: Backend, dataset: Cifar10, sizes: dict) -> list[dict]:
     checkpoint = checkpoints.latest_checkpoint(run_dir)
     if checkpoint is None:  # killed before the first epoch ended: there is nothing to lose
         print(f"--resume: no usable checkpoint in {run_dir}; starting from the beginning", flush=True)
@@ -319,11 +339,22 @@ def resume_state(run_dir: Path, spec: RunSpec, backend: Backend, dataset: Cifar1
         raise TrainingError(f"--resume: {checkpoint.path} was written by a different run; differing "
                             f"fields (checkpoint -> now): {'; '.join(differences)}. Resume with the same "
                             "settings, or start a new run directory.")
+    recorded_sizes = checkpoint.header.get("data_sizes", sizes)  # unrecorded before 2026-12-07
+    if recorded_sizes != sizes:
+        raise TrainingError(f"--resume: {checkpoint.path} trained on data of {recorded_sizes}, this data set gives "
+                            f"{sizes}: another copy or source of another size. Resume with the data it was "
+                            "written with (--data), or start a new run directory.")
     if checkpoint.header["framework"] != backend.framework:
         raise TrainingError(f"--resume: {checkpoint.path} is a {checkpoint.header['framework']} checkpoint, "
                             f"this is {backend.framework}; use the matching train script.")
     _warn_if_the_pixels_changed(checkpoint.header.get("data_source"), dataset.source)
-    backend.load_state_bytes(checkpoint.payload)
+    try:
+        backend.load_state_bytes(checkpoint.payload)
+    except Exception as error:  # msgpack, flax and torch each raise their own kinds for a state that does not fit
+        raise TrainingError(f"--resume: {checkpoint.path} passed its checksum but its state does not load here "
+                            f"({type(error).__name__}: {error}); resume with the code and package versions that "
+                            "wrote it (its run's summary or log names the commit), or start a new run directory.") \
+            from error
     history = checkpoint.header["history"]
     if backend.is_main_process:
         with reporting_write_failures(run_dir, runfiles.METRICS_FILE):
@@ -435,8 +466,9 @@ def reporting_write_failures(run_dir: Path, what: str):
     try:
         yield
     except OSError as error:
-        kept = checkpoints.list_checkpoints(run_dir)
-        survivor = f"the last good checkpoint, {kept[-1].name}, is intact" if kept else "no checkpoint exists yet"
+        usable = checkpoints.latest_checkpoint(run_dir)
+        survivor = (f"the last good checkpoint, {usable.path.name}, is intact" if usable
+                    else "no usable checkpoint exists yet")
         raise TrainingError(f"could not write {what} in {run_dir} ({error}); {survivor}. Free disk space "
                             "or make the directory writable, then run again with --resume.") from error
 
@@ -444,7 +476,8 @@ def reporting_write_failures(run_dir: Path, what: str):
 def save_epoch(context: RunContext, history: list[dict]) -> None:
     spec, backend, run_dir = context.spec, context.backend, context.run_dir
     header = {"framework": backend.framework, "run": spec.as_dict(), "history": history,
-              "merge": context.merge, "data_source": context.data_source}
+              "merge": context.merge, "data_source": context.data_source,
+              "data_sizes": data_sizes(context.steps_per_epoch, len(context.test_index))}
     with reporting_write_failures(run_dir, f"the files of epoch {len(history)}"):
         checkpoints.write_checkpoint(run_dir, len(history), header, backend.state_bytes())
         runfiles.write_metrics(run_dir, history)

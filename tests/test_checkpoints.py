@@ -36,6 +36,16 @@ def test_only_the_newest_two_are_kept(tmp_path):
     assert not list(tmp_path.glob("*.partial"))
 
 
+def test_a_run_started_again_beside_later_damaged_checkpoints_keeps_its_own(tmp_path):
+    for epoch in (21, 22):  # unusable: the run that finds them starts from the beginning
+        checkpoints.checkpoint_path(tmp_path, epoch).write_bytes(b"damaged")
+    for epoch in (1, 2, 3):
+        write(tmp_path, epoch)
+        assert checkpoints.checkpoint_path(tmp_path, epoch).exists()
+    assert [p.name for p in checkpoints.list_checkpoints(tmp_path)] == [
+        "checkpoint-00002.ckpt", "checkpoint-00003.ckpt", "checkpoint-00021.ckpt", "checkpoint-00022.ckpt"]
+
+
 @pytest.mark.parametrize("damage", ["truncate", "flip_payload_byte", "garbage", "empty", "bad_header"])
 def test_damaged_newest_is_reported_and_previous_used(tmp_path, damage):
     write(tmp_path, 1)

@@ -89,9 +89,10 @@ def test_eval_every_skips_epochs_but_never_the_last(tmp_path):
 def test_out_of_range_flags_are_refused_together_before_the_data_loads(tmp_path, monkeypatch):
     monkeypatch.setenv("CIFAR10_PATH", str(tmp_path / "no-data-here"))  # loading would fail: it must not start
     with pytest.raises(TrainingError, match=r"--epochs of at least 1, found 0; --max-test-examples of at least 1, "
-                       r"found -5; --lr above 0, found 0\.0; --weight-decay of at least 0, found -0\.1"):
+                       r"found -5; --lr above 0, found 0\.0; --weight-decay of at least 0, found -0\.1; "
+                       r"--seed of at least 0, found -1"):
         train("torch", tmp_path / "run", "--epochs", "0", "--max-test-examples", "-5", "--lr", "0",
-              "--weight-decay", "-0.1")
+              "--weight-decay", "-0.1", "--seed", "-1")
 
 
 def test_final_evaluation_adds_the_translated_views_and_the_weights_remember_them(tmp_path, monkeypatch, cifar10):
@@ -216,6 +217,27 @@ def test_refuses_non_empty_directory_and_mismatched_resume(tmp_path):
         train("torch", tmp_path, "--epochs", "1", "--resume", "--batch-size", "16", "--lr", "0.5",
               "--precision", "float64", "--max-test-examples", "100")
     assert train("torch", tmp_path, "--epochs", "1", "--overwrite")["epochs"] == 1
+
+
+def test_overwrite_refuses_a_directory_that_holds_no_run(tmp_path):
+    (tmp_path / "runs" / "an-earlier-run").mkdir(parents=True)
+    (tmp_path / "notes.txt").write_text("mine")
+    for out in (tmp_path, tmp_path / "runs"):  # a mistyped --out: the project's root, the runs' parent
+        with pytest.raises(TrainingError, match="--overwrite deletes a run directory, and .* holds no metrics.jsonl"):
+            train("torch", out, "--epochs", "1", "--overwrite")
+    assert (tmp_path / "notes.txt").read_text() == "mine" and (tmp_path / "runs" / "an-earlier-run").is_dir()
+
+
+def test_resume_refuses_a_checkpoint_of_other_data_sizes_or_a_state_that_does_not_load(tmp_path):
+    train("torch", tmp_path, "--epochs", "1")
+    written = checkpoints.read_checkpoint(tmp_path / "checkpoint-00001.ckpt")
+    header = {**written.header, "data_sizes": {**written.header["data_sizes"], "test_images": 150}}
+    checkpoints.write_checkpoint(tmp_path, 1, header, written.payload)
+    with pytest.raises(TrainingError, match=r"trained on data of .*'test_images': 150.*'test_images': 200"):
+        train("torch", tmp_path, "--epochs", "1", "--resume")
+    checkpoints.write_checkpoint(tmp_path, 1, written.header, b"not a torch state")
+    with pytest.raises(TrainingError, match="passed its checksum but its state does not load here"):
+        train("torch", tmp_path, "--epochs", "1", "--resume")
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
