@@ -9,8 +9,9 @@ both ways), which keeps float rounding from compounding over the steps. The comp
 Adam's first step, which the single-device backend takes alone: that update is lr * g / (|g| + eps)
 per weight, so for a weight whose gradient is within float noise of zero it is decided by the
 noise (up to lr apart; the README's parity section shows the same between frameworks). OUT.json
-(written by the main process) holds per compared step the largest absolute difference of the loss,
-the number correct, the gradient norm and the canonical weights.
+(written by the main process) holds per compared step the absolute difference of the loss and the
+number correct, the relative difference of the gradient norm, and the canonical weights' largest
+absolute difference.
 """
 
 import json
@@ -66,8 +67,9 @@ def main(framework: str, out: Path) -> None:
     rows = []
     for step in range(1, COMPARED_STEPS + 1):
         parallel.load_state_bytes(single.state_bytes())
-        differences = [abs(e - f) for e, f in zip(step_of(single, step), step_of(parallel, step))]
-        rows.append({**dict(zip(("loss", "correct", "grad_norm"), differences)),
+        (loss, correct, grad_norm), (p_loss, p_correct, p_grad_norm) = step_of(single, step), step_of(parallel, step)
+        rows.append({"loss": abs(loss - p_loss), "correct": abs(correct - p_correct),
+                     "grad_norm": abs(grad_norm - p_grad_norm) / grad_norm,
                      "weights": largest_weight_difference(single.canonical_weights(), parallel.canonical_weights())})
     if parallel.is_main_process:
         out.write_text(json.dumps({"device": parallel.device, "steps": rows}))
