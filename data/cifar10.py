@@ -23,8 +23,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import PIL
-from PIL import features
 
 from expert_core.config import CLASS_NAMES
 from expert_core.files import arrays_checksum, atomic_writer, remove_abandoned_partials
@@ -62,13 +60,14 @@ def load_cifar10(path: str | Path | None = None, source: str | None = None,
     cache_file = Path(cache_dir or default_cache_dir()) / _cache_name(kind, location)
     fingerprint = _fingerprint(kind, location)
     arrays = _read_cache(cache_file, fingerprint)
+    described = f"{kind}:{location or 'cifar10'}"  # tfds has no location
     if arrays is None:
         splits = _read_source(kind, location, download)
-        sources.check_counts(splits, f"{kind}:{location}")
+        sources.check_counts(splits, described)
         arrays = {"train_images": splits["train"][0], "train_labels": splits["train"][1],
                   "test_images": splits["test"][0], "test_labels": splits["test"][1]}
         _write_cache(cache_file, arrays, fingerprint)
-    return Cifar10(**arrays, class_names=CLASS_NAMES, source=f"{kind}:{location or 'cifar10'}")
+    return Cifar10(**arrays, class_names=CLASS_NAMES, source=described)
 
 
 def pixel_origin(source: str) -> str:
@@ -143,8 +142,7 @@ def _fingerprint(kind: str, location: Path | None) -> str:
         digest.update(f"{location.name}:{stat.st_size}:{stat.st_mtime_ns}".encode())
         return digest.hexdigest()
     if kind == "imagefolder":
-        digest.update(f"Pillow {PIL.__version__}, libjpeg {features.version('jpg')} (turbo "
-                      f"{features.version('libjpeg_turbo')})\n".encode())
+        digest.update(f"{sources.image_decoder()}\n".encode())
     directories = [str(location)]
     while directories:  # os.scandir: a quarter of the time of Path.rglob on 60,000 files
         with os.scandir(directories.pop()) as listing:

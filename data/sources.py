@@ -183,6 +183,15 @@ def _check_class_folders(split_dir: Path) -> None:
                         "Rename or remove folders so that the ten CIFAR-10 classes are there, and only they.")
 
 
+def image_decoder() -> str:
+    """The library that decodes an image folder's files, by version: another can decode other bytes."""
+    import PIL
+    from PIL import features
+
+    return (f"Pillow {PIL.__version__}, libjpeg {features.version('jpg')} "
+            f"(turbo {features.version('libjpeg_turbo')})")
+
+
 def _decode_image(file: Path, Image) -> np.ndarray:
     try:
         with Image.open(file) as image:

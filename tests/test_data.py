@@ -10,6 +10,7 @@ import tarfile
 import warnings
 
 import numpy as np
+import PIL
 import pytest
 from PIL import Image
 
@@ -215,7 +216,7 @@ def test_a_new_jpeg_decoder_makes_an_image_folder_cache_stale_and_leaves_the_pic
     write_batches(batches, official_batches())
     sources_now = (("imagefolder", folder), ("batches", batches))
     before = [cifar10_module._fingerprint(kind, path) for kind, path in sources_now]
-    monkeypatch.setattr(cifar10_module.PIL, "__version__", "0.0-another-decoder")
+    monkeypatch.setattr(PIL, "__version__", "0.0-another-decoder")
     after = [cifar10_module._fingerprint(kind, path) for kind, path in sources_now]
     assert after[0] != before[0] and after[1] == before[1]
 
