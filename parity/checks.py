@@ -18,6 +18,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import torch
+from flax.traverse_util import flatten_dict
 
 from data.augment import augment_batch
 from expert_core.config import LR_SCHEDULES, OPTIMIZERS, ModelConfig, TrainConfig
@@ -201,6 +202,7 @@ def gradient_checks(pair: Pair, images, labels, temperature: float, smoothing: f
     two values lie within float32 rounding of each other sends its gradient to whichever pixel a
     framework's rounding favours (seed preset, 32 test images, on a 2-core Intel Xeon: one window of
     65,536 in block 2 of PyTorch's float32 pass, which moved every gradient below it by up to 7.6e-3).
+    `decision_checks` names such windows.
     """
     with jax.enable_x64(True):
         t64, f64 = _gradients(pair, images, labels, temperature, smoothing, "float64")
@@ -211,6 +213,108 @@ def gradient_checks(pair: Pair, images, labels, temperature: float, smoothing: f
     floors = f"float32 vs float64: PyTorch {t_floor:.1e} ({t_name}), Flax {f_floor:.1e} ({f_name})"
     return [Check(f"{quantity}, float64", worst64, FLOAT64_GRADIENT_TOLERANCE, f"worst: {name64}; {len(t64)} tensors"),
             _float32_check(f"{quantity}, float32", worst32, tolerance, t_floor, f_floor, f"worst: {name32}; {floors}")]
+
+
+def _kink_names(config: ModelConfig) -> list[str]:
+    """The modules whose outputs give every ReLU's input: BatchNorms, expert FCs, blocks, the classifier."""
+    names = ["stem.bn", "stem"]
+    for i in range(len(config.blocks)):
+        names += [f"blocks.{i}.expert.fc1", f"blocks.{i}.bn", f"blocks.{i}"]
+    return names + (["classifier.hidden"] if config.classifier_hidden else [])
+
+
+def _torch_outputs(pair: Pair, images, temperature: float, dtype: str) -> dict[str, np.ndarray]:
+    """Train-mode outputs of the `_kink_names` modules, channels last."""
+    net = copy.deepcopy(pair.torch_net).to(getattr(torch, dtype)).train(True)  # pair's statistics stay
+    outputs, wanted = {}, set(_kink_names(pair.config))
+
+    def keep(name):
+        def hook(module, args, output):
+            value = (output[0] if isinstance(output, tuple) else output).detach().numpy()
+            outputs[name] = value.transpose(0, 2, 3, 1) if value.ndim == 4 else value
+        return hook
+
+    for name, module in net.named_modules():
+        if name in wanted:
+            module.register_forward_hook(keep(name))
+    with torch.no_grad():
+        net(torch_model.to_model_input(images).to(getattr(torch, dtype)), temperature=temperature)
+    return outputs
+
+
+def _flax_outputs(pair: Pair, images, temperature: float, dtype: str) -> dict[str, np.ndarray]:
+    """Train-mode outputs of the `_kink_names` modules, under PyTorch's names."""
+    variables = jax.tree.map(lambda v: jnp.asarray(v, dtype), pair.variables)
+    _, state = pair.flax_net.clone(compute_dtype=jnp.dtype(dtype)).apply(
+        variables, flax_model.to_model_input(jnp.asarray(images)).astype(dtype), train=True,
+        temperature=temperature, mutable=["batch_stats", "intermediates"], capture_intermediates=True)
+    captured = {".".join(path[:-1]).replace("blocks_", "blocks."): value[0]
+                for path, value in flatten_dict(state["intermediates"]).items()}
+    return {name: np.asarray(captured[name][0] if isinstance(captured[name], tuple) else captured[name])
+            for name in _kink_names(pair.config)}
+
+
+def _relu_inputs(outputs: dict[str, np.ndarray], config: ModelConfig) -> dict[str, tuple[np.ndarray, bool]]:
+    """Each ReLU's input, by layer, and whether a 2x2 max-pool follows it."""
+    inputs = {"stem": (outputs["stem.bn"], False)}
+    block_input = outputs["stem"]
+    for i, block in enumerate(config.blocks):
+        inputs[f"blocks.{i}.expert.fc1"] = (outputs[f"blocks.{i}.expert.fc1"], False)
+        y = outputs[f"blocks.{i}.bn"]
+        inputs[f"blocks.{i}"] = (y + block_input if block.residual else y, block.pool)
+        block_input = outputs[f"blocks.{i}"]
+    if config.classifier_hidden:
+        inputs["classifier.hidden"] = (outputs["classifier.hidden"], False)
+    return inputs
+
+
+def _pool_windows(x: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) -> (N, H // 2, W // 2, C, 4), each window's values in row-major order."""
+    n, h, w, c = x.shape
+    windows = x[:, :h - h % 2, :w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c)
+    return windows.transpose(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, c, 4)
+
+
+def decision_flips(low: np.ndarray, high: np.ndarray, pooled: bool) -> dict[str, tuple[int, float]]:
+    """Where a lower-precision pass decided otherwise than a higher-precision one at a ReLU (its sign)
+    and the max-pool after it (the window's winner, its first maximum, to which the gradient goes):
+    {"ReLU" / "max-pool": (decisions that differ, the smallest high-precision margin among them)}.
+    Gradients are smooth everywhere else, so these are where they can part by more than rounding."""
+    flips = {}
+    relu = (low > 0) != (high > 0)
+    if relu.any():
+        flips["ReLU"] = (int(relu.sum()), float(np.abs(high[relu]).min()))
+    if pooled:
+        low_windows, high_windows = _pool_windows(np.maximum(low, 0)), _pool_windows(np.maximum(high, 0))
+        winner = low_windows.argmax(-1) != high_windows.argmax(-1)
+        if winner.any():
+            top_two = np.sort(high_windows[winner], axis=-1)[:, -2:]
+            flips["max-pool"] = (int(winner.sum()), float((top_two[:, 1] - top_two[:, 0]).min()))
+    return flips
+
+
+@_exact
+def decision_checks(pair: Pair, images, temperature: float) -> list[Check]:
+    """Per framework, the ReLU signs and max-pool winners its float32 train-mode pass decides otherwise
+    than its own float64 pass, with the float64 margin: reported, to say why a float32 gradient or
+    trajectory row was left to float64 (a near-tie sends the gradient down another path)."""
+    rows = []
+    for framework, outputs in (("PyTorch", _torch_outputs), ("Flax", _flax_outputs)):
+        with jax.enable_x64(True):
+            high = _relu_inputs(outputs(pair, images, temperature, "float64"), pair.config)
+        low = _relu_inputs(outputs(pair, images, temperature, "float32"), pair.config)
+        found = {(layer, kind): flip for layer, (x, pooled) in low.items()
+                 for kind, flip in decision_flips(x, high[layer][0], pooled).items()}
+        notes = [f"{layer} {kind}: {n} (float64 margin {margin:.1e})" for (layer, kind), (n, margin) in found.items()]
+        rows.append(Check(f"float32 ReLU / max-pool decisions unlike float64, {framework}",
+                          sum(n for n, _ in found.values()), None,
+                          "; ".join(notes) or f"none of {_decision_count(low)}"))
+    return rows
+
+
+def _decision_count(relu_inputs: dict[str, tuple[np.ndarray, bool]]) -> int:
+    return sum(x.size + (int(np.prod(_pool_windows(x).shape[:-1])) if pooled else 0)
+               for x, pooled in relu_inputs.values())
 
 
 def train_both(pair: Pair, train_config: TrainConfig, batches, steps_per_epoch: int, temperature: float,
@@ -357,6 +461,7 @@ def run_all(config: ModelConfig, train_config: TrainConfig, images, labels, stat
     rows += train_mode_checks(no_dropout, images[:256], temperature)
     rows += gradient_checks(no_dropout, images[:batch_size], labels[:batch_size], temperature,
                             train_config.label_smoothing)
+    rows += decision_checks(no_dropout, images[:batch_size], temperature)
     steps_per_epoch = max(steps // 3, 1)
     decaying = dataclasses.replace(train_config, step_size_epochs=1, epochs=-(-steps // steps_per_epoch))
     batches = parity_batches(images, labels, train_config, steps, batch_size, seed)
