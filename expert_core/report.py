@@ -168,7 +168,8 @@ SUMMARY_ROWS = (("framework", "framework"), ("preset", "preset"), ("epochs finis
                 ("test accuracy, last evaluated epoch", "test_accuracy"), ("best test accuracy (epoch)", "best"),
                 ("train / test images", "examples"), ("train images / s", "images_per_second"),
                 ("train wall time", "train_wall_seconds"), ("device", "device"), ("precision", "precision"),
-                ("data", "data_source"), ("git commit", "git_commit"), ("command", "command"))
+                ("data", "data_source"), ("git commit", "git_commit"), ("command", "command"),
+                ("trained by (epochs: commit, device)", "segments"))
 
 
 def _summary_value(run: Run, key: str) -> str:
@@ -190,7 +191,18 @@ def _summary_value(run: Run, key: str) -> str:
         return f"{summary[key]:.0f} s ({summary[key] / 60:.1f} min)"
     if key == "device":
         return f"{summary['device']}, {summary.get('cpu', '')}"
+    if key == "segments":
+        return "; ".join(map(_segment_text, summary.get(key, []))) or "n/a (not recorded)"
     return str(summary.get(key, "n/a"))
+
+
+def _segment_text(segment: dict) -> str:
+    """One process's share of a run, e.g. "epochs 11-22: 1a2b3c4d5e, cpu, AMD EPYC (AVX2)"."""
+    first, last = segment["start_epoch"] + 1, segment["start_epoch"] + segment["epochs_trained"]
+    epochs = f"epochs {first}-{last}" if last >= first else "no epochs (final evaluation)"
+    if not segment.get("recorded", True):
+        return f"{epochs}: not recorded"
+    return f"{epochs}: {segment['git_commit'][:10]}, {segment['device']}, {segment['cpu']}"
 
 
 def _entropy_fraction(run: Run) -> str:

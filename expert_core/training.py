@@ -156,6 +156,7 @@ class RunContext:
     git_commit: str
     test_index: np.ndarray
     eval_every_epochs: int
+    segments: list[dict]  # one per process that trained this run, oldest first (see `new_segment`)
     final_evaluation_seconds: float = 0.0
 
 
@@ -179,12 +180,14 @@ def run(factory: BackendFactory, framework: str, args: argparse.Namespace) -> di
             prepare_run_dir(run_dir, args.resume, args.overwrite)
     # --overwrite emptied it: nothing to resume, and no process reads a directory being deleted.
     sizes = data_sizes(steps_per_epoch, len(test_index))
-    history = resume_state(run_dir, spec, backend, dataset, sizes) if args.resume and not args.overwrite else []
+    history, segments = (resume_state(run_dir, spec, backend, dataset, sizes) if args.resume and not args.overwrite
+                         else ([], []))
     if not history:
         initialise_from_data(backend, spec.train, spec.model, train_x)
     eval_every = get_preset(args.preset).eval_every_epochs if args.eval_every is None else args.eval_every
     context = RunContext(spec, backend, run_dir, steps_per_epoch, dataset.class_names, dataset.source, args.merge,
-                         git_commit, test_index, eval_every)
+                         git_commit, test_index, eval_every,
+                         [*segments, new_segment(len(history), git_commit, backend.device)])
     predictions = train_epochs(context, history, (train_x, train_y), (test_x, test_y))
     predictions = final_predictions(context, history, predictions, test_x)
     if not backend.is_main_process:
@@ -325,11 +328,20 @@ def data_sizes(steps_per_epoch: int, test_images: int) -> dict[str, int]:
     return {"steps_per_epoch": steps_per_epoch, "test_images": test_images}
 
 
-def resume_state(run_dir: Path, spec: RunSpec, backend: Backend, dataset: Cifar10, sizes: dict) -> list[dict]:
+def new_segment(start_epoch: int, git_commit: str, device: str) -> dict:
+    """This process's share of the run: the epochs done before it, and what ran it. A resumed run's
+    summary lists every segment, since its top-level command, commit and device are the last one's."""
+    return {"start_epoch": start_epoch, "git_commit": git_commit, "command": runfiles.command_line(),
+            "device": device, "cpu": runfiles.cpu_name()}
+
+
+def resume_state(run_dir: Path, spec: RunSpec, backend: Backend, dataset: Cifar10,
+                 sizes: dict) -> tuple[list[dict], list[dict]]:
+    """The history and segments of the latest usable checkpoint, whose state the backend takes."""
     checkpoint = checkpoints.latest_checkpoint(run_dir)
     if checkpoint is None:  # killed before the first epoch ended: there is nothing to lose
         print(f"--resume: no usable checkpoint in {run_dir}; starting from the beginning", flush=True)
-        return []
+        return [], []
     recorded = recorded_spec(checkpoint.header["run"])
     recorded.setdefault("max_test_examples", spec.max_test_examples)  # unrecorded before 2026-12-06
     for key, images in (("max_train_examples", dataset.train_labels), ("max_test_examples", dataset.test_labels)):
@@ -360,7 +372,8 @@ def resume_state(run_dir: Path, spec: RunSpec, backend: Backend, dataset: Cifar1
         with reporting_write_failures(run_dir, runfiles.METRICS_FILE):
             runfiles.write_metrics(run_dir, history)
         print(f"resumed from {checkpoint.path} after epoch {len(history)}", flush=True)
-    return history
+    # Unrecorded before 2026-12-07: what ran those epochs (one process or several) is unknown.
+    return history, checkpoint.header.get("segments", [{"start_epoch": 0, "recorded": False}])
 
 
 def _warn_if_the_pixels_changed(recorded: str | None, now: str) -> None:
@@ -476,7 +489,7 @@ def reporting_write_failures(run_dir: Path, what: str):
 def save_epoch(context: RunContext, history: list[dict]) -> None:
     spec, backend, run_dir = context.spec, context.backend, context.run_dir
     header = {"framework": backend.framework, "run": spec.as_dict(), "history": history,
-              "merge": context.merge, "data_source": context.data_source,
+              "merge": context.merge, "data_source": context.data_source, "segments": context.segments,
               "data_sizes": data_sizes(context.steps_per_epoch, len(context.test_index))}
     with reporting_write_failures(run_dir, f"the files of epoch {len(history)}"):
         checkpoints.write_checkpoint(run_dir, len(history), header, backend.state_bytes())
@@ -519,19 +532,35 @@ def make_summary(context: RunContext, history: list[dict], test_accuracy: float,
     `last_epoch_test_accuracy`) leave out the translated ones."""
     spec, backend = context.spec, context.backend
     best = max(runfiles.evaluated_epochs(history), key=lambda r: r["test_accuracy"])
-    step_seconds = sum(r["train_seconds"] for r in history)
     return {
         "framework": backend.framework, "preset": spec.preset, "device": backend.device,
         "cpu": runfiles.cpu_name(), "precision": spec.precision, "epochs": len(history),
         "test_accuracy": test_accuracy, "last_epoch_test_accuracy": history[-1]["test_accuracy"],
         "best_test_accuracy": best["test_accuracy"], "best_epoch": best["epoch"],
         "eval_every_epochs": context.eval_every_epochs,
-        "train_wall_seconds": round(sum(r["epoch_seconds"] for r in history), 2),
-        "final_evaluation_seconds": round(context.final_evaluation_seconds, 2),
-        "images_per_second": round(sum(r["train_seconds"] * r["images_per_second"] for r in history)
-                                   / step_seconds, 1),
+        **speed(history), "final_evaluation_seconds": round(context.final_evaluation_seconds, 2),
         "train_examples": context.steps_per_epoch * spec.train.batch_size,
         "test_examples": test_examples, "data_source": context.data_source,
         "command": runfiles.command_line(), "git_commit": context.git_commit,
-        "versions": backend.versions(), **spec.as_dict(),
+        "versions": backend.versions(), "segments": segments_trained(context.segments, history),
+        **spec.as_dict(),
     }
+
+
+def speed(rows: list[dict]) -> dict:
+    """Wall time of these epochs (evaluations included) and the images a second of their steps."""
+    step_seconds = sum(r["train_seconds"] for r in rows)
+    return {"train_wall_seconds": round(sum(r["epoch_seconds"] for r in rows), 2),
+            "images_per_second": round(sum(r["train_seconds"] * r["images_per_second"] for r in rows)
+                                       / step_seconds, 1)}
+
+
+def segments_trained(segments: list[dict], history: list[dict]) -> list[dict]:
+    """Each segment with the epochs it trained and their speed (a run spanning machines has one
+    speed per machine, and its top-level figure is their blend)."""
+    ends = [segment["start_epoch"] for segment in segments[1:]] + [len(history)]
+    trained = []
+    for segment, end in zip(segments, ends):
+        rows = history[segment["start_epoch"]:end]
+        trained.append({**segment, "epochs_trained": len(rows), **(speed(rows) if rows else {})})
+    return trained

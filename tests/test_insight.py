@@ -129,6 +129,9 @@ def test_report_on_both_runs(runs, cifar10, tmp_path, capsys):
     assert re.findall("<td>(.*?)</td>", final_row) == [
         f"{json.loads((runs[framework] / 'summary.json').read_text())['test_accuracy']:.2f} %"
         for framework in ("flax", "torch")]
+    segments_row = re.search(r"<th>trained by \(epochs: commit, device\)</th>(.*?)</tr>",
+                             (out / "report.html").read_text()).group(1)
+    assert [cell.split(":")[0] for cell in re.findall("<td>(.*?)</td>", segments_row)] == ["epochs 1-2", "epochs 1-1"]
     assert set(page.mistakes) == {"flax", "torch"}
     for framework, rows in page.mistakes.items():
         check_mistakes(rows, runs[framework], cifar10)

@@ -129,13 +129,17 @@ def test_every_problem_of_a_config_is_reported_together():
         AugmentConfig(brightness=1.5, crop_padding=-1)
 
 
-def test_a_checkpoint_from_before_the_test_subset_was_recorded_resumes(tmp_path):
+def test_a_checkpoint_from_before_the_test_subset_sizes_and_segments_were_recorded_resumes(tmp_path):
     train("torch", tmp_path, "--epochs", "2")
     (tmp_path / "checkpoint-00002.ckpt").unlink()  # as if killed during epoch 2
     first = checkpoints.read_checkpoint(tmp_path / "checkpoint-00001.ckpt")
-    del first.header["run"]["max_test_examples"]
+    del first.header["run"]["max_test_examples"], first.header["data_sizes"], first.header["segments"]
     checkpoints.write_checkpoint(tmp_path, 1, first.header, first.payload)
-    assert train("torch", tmp_path, "--epochs", "2", "--resume")["epochs"] == 2
+    summary = train("torch", tmp_path, "--epochs", "2", "--resume")
+    assert summary["epochs"] == 2
+    unknown, resumed = summary["segments"]
+    assert (unknown["recorded"], unknown["epochs_trained"], resumed["start_epoch"]) == (False, 1, 1)
+    assert "git_commit" not in unknown and resumed["git_commit"] == summary["git_commit"]
 
 
 def test_a_checkpoint_that_recorded_a_cap_above_the_data_as_given_resumes(tmp_path):
@@ -169,6 +173,14 @@ def test_resume_gives_the_same_run_as_no_interruption(framework, tmp_path):
     resumed_rows = runfiles.read_metrics(tmp_path / "resumed")
     assert [[r[k] for k in keys] for r in resumed_rows] == [[r[k] for k in keys] for r in straight_rows]
     assert resumed["test_accuracy"] == straight["test_accuracy"]
+    # Each process's share is on record: epochs, commit, command, device, and its own speed.
+    assert [(s["start_epoch"], s["epochs_trained"]) for s in straight["segments"]] == [(0, 2)]
+    assert [(s["start_epoch"], s["epochs_trained"]) for s in resumed["segments"]] == [(0, 1), (1, 1)]
+    for segment, row in zip(resumed["segments"], resumed_rows):
+        assert segment["train_wall_seconds"] == round(row["epoch_seconds"], 2)
+        assert segment["images_per_second"] == round(row["images_per_second"], 1)
+        assert {segment[k] for k in ("git_commit", "command", "device", "cpu")} <= {
+            resumed[k] for k in ("git_commit", "command", "device", "cpu")}
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
