@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import os
+from pathlib import Path
 
 
 def counts_below_one(args: argparse.Namespace, names) -> list[str]:
@@ -16,3 +18,17 @@ def refuse_counts_below_one(parser: argparse.ArgumentParser, args: argparse.Name
     problems = counts_below_one(args, names)
     if problems:
         parser.error(f"expected {'; '.join(problems)}. Change those flags (--help describes them).")
+
+
+def refuse_an_unwritable_json(parser: argparse.ArgumentParser, path: str | None) -> None:
+    """argparse's usage error for a --json path that could not be written, before the minutes of work
+    whose results it is for."""
+    if path is None:
+        return
+    folder = Path(path).parent
+    problem = ("is a directory" if Path(path).is_dir() else f"its folder {folder} does not exist"
+               if not folder.is_dir() else f"its folder {folder} is not writable" if not os.access(folder, os.W_OK)
+               else None)
+    if problem:
+        parser.error(f"expected --json to name a file that can be written, found {path}: {problem}. "
+                     "Create the folder or choose another path.")

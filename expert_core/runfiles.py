@@ -143,6 +143,18 @@ def cpu_name() -> str:
     return f"{name} ({isa})" if isa else name
 
 
+# Set, these change what a run computes or how fast: devices, processes, threads, allocator.
+RUN_ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS", "XLA_FLAGS", "JAX_COORDINATOR_ADDRESS",
+                   "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "OMP_NUM_THREADS", "GLIBC_TUNABLES")
+
+
 def command_line() -> str:
-    """The command as typed, quoted so that it can be pasted back into a shell."""
-    return shlex.join([Path(sys.executable).name, *sys.argv])
+    """The command as typed, quoted so that it can be pasted back into a shell, after the
+    RUN_ENVIRONMENT variables that are set. Under torchrun, whose own flags this process cannot see,
+    the launch is written as torchrun with this run's node and process counts."""
+    environment = [f"{name}={shlex.quote(os.environ[name])}" for name in RUN_ENVIRONMENT if name in os.environ]
+    launcher = [Path(sys.executable).name]
+    if "TORCHELASTIC_RUN_ID" in os.environ:
+        per_node = int(os.environ["LOCAL_WORLD_SIZE"])
+        launcher = ["torchrun", f"--nnodes={int(os.environ['WORLD_SIZE']) // per_node}", f"--nproc_per_node={per_node}"]
+    return " ".join([*environment, shlex.join([*launcher, *sys.argv])])

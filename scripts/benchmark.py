@@ -36,7 +36,7 @@ import numpy as np
 
 from data.augment import draw_augment_params
 from expert_core.config import MERGE_MODES, PRESETS, ModelConfig, block_merge, get_preset
-from expert_core.flags import refuse_counts_below_one
+from expert_core.flags import refuse_an_unwritable_json, refuse_counts_below_one
 from expert_core.huge_pages import relaunch_with_huge_pages
 from expert_core.runfiles import cpu_name, cpu_vector_isa, cpuinfo_values, write_json
 
@@ -271,6 +271,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_counts_below_one(parser, args, ("batch_size", "repeats", "processes"))
+    refuse_an_unwritable_json(parser, args.json)
     limits = measure_limits(args.device)
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     print(f"{args.device.upper()}: {limits['device_name']} (host CPU: {cpu_name()}); peak ~{limits['peak_gflops']:.0f} "

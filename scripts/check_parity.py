@@ -18,7 +18,7 @@ from pathlib import Path
 
 from data import DataError, load_cifar10
 from expert_core.config import PRESETS, ModelConfig, TrainConfig, get_preset
-from expert_core.flags import refuse_counts_below_one
+from expert_core.flags import refuse_an_unwritable_json, refuse_counts_below_one
 from expert_core.report import LOAD_ERRORS
 from expert_core.runfiles import write_json
 from expert_core.training import subset_index
@@ -57,6 +57,7 @@ def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     refuse_counts_below_one(parser, args, ("images", "steps", "batch_size"))
+    refuse_an_unwritable_json(parser, args.json)
     if args.batch_size > args.images:  # the batches are drawn from these images without replacement
         parser.error(f"expected --batch-size of at most the {args.images} test images compared on, found "
                      f"{args.batch_size}; lower --batch-size or raise --images.")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from data import DataError, load_cifar10
-from expert_core.flags import refuse_counts_below_one
+from expert_core.flags import refuse_an_unwritable_json, refuse_counts_below_one
 from expert_core.report import LOAD_ERRORS
 from expert_core.runfiles import write_json
 from expert_core.training import subset_index
@@ -46,6 +46,7 @@ def main(argv=None) -> int:
     parser.add_argument("--json", help="write the results here as JSON")
     args = parser.parse_args(argv)
     refuse_counts_below_one(parser, args, ("max_test_examples",))
+    refuse_an_unwritable_json(parser, args.json)
     try:
         weights = load_for_evaluation(args.checkpoint)  # evaluated as the run's own final evaluation was
         dataset = load_cifar10(args.data)

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from expert_core.flags import refuse_an_unwritable_json
 from expert_core.report import IMAGE_POLICY, LOAD_ERRORS, ReportError, format_record, prediction_record, read_image
 from expert_core.runfiles import write_json
 
@@ -27,6 +28,7 @@ def main(argv=None) -> int:
     parser.add_argument("images", nargs="+", metavar="IMAGE")
     parser.add_argument("--json", help="also write every file's result (or error) here as JSON")
     args = parser.parse_args(argv)
+    refuse_an_unwritable_json(parser, args.json)
     try:
         backend, temperature, translate, description = load_model(args.checkpoint)
     except LOAD_ERRORS as error:

@@ -401,3 +401,15 @@ def test_check_parity_on_a_trained_checkpoint_passes_and_writes_its_table(runs, 
     judged = [c["quantity"] for c in table["checks"] if c["tolerance"] is not None]
     assert "eval logits" in judged and any(q.endswith("after 2 steps, float64") for q in judged), judged
     assert f"{len(judged)} passed, 0 failed" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("script, arguments", [("benchmark", []), ("check_parity", []),
+                                               ("evaluate", ["--checkpoint", "run"]),
+                                               ("predict", ["--checkpoint", "run", "cat.png"])])
+def test_a_json_path_that_cannot_be_written_is_refused_before_any_work(script, arguments, tmp_path, capsys):
+    for path, problem in ((tmp_path / "missing" / "out.json", "does not exist"), (tmp_path, "is a directory")):
+        with pytest.raises(SystemExit) as exit_info:
+            load_script(script).main([*arguments, "--json", str(path)])
+        assert exit_info.value.code == 2
+        error = capsys.readouterr().err
+        assert f"expected --json to name a file that can be written, found {path}: " in error and problem in error

@@ -134,7 +134,11 @@ def test_two_device_run_matches_one_device_and_each_resumes_the_other(framework,
     two, one = tmp_path / "two-devices", tmp_path / "one-device"
     train_on(2, framework, two, *TWO_EPOCHS_OF_TWENTY_STEPS, jax_processes=2)
     train_on(1, framework, one, *TWO_EPOCHS_OF_TWENTY_STEPS)
-    assert json.loads((two / "summary.json").read_text())["device"].startswith("2 x cpu")
+    summary = json.loads((two / "summary.json").read_text())
+    assert summary["device"].startswith("2 x cpu")
+    launch = {"torch": ["OMP_NUM_THREADS=1 ", " torchrun --nnodes=1 --nproc_per_node=2 scripts/train_torch.py "],
+              "flax": ["JAX_NUM_PROCESSES=2 ", "JAX_PROCESS_ID=0 "]}[framework]  # the main process writes
+    assert all(part in summary["command"] for part in launch), summary["command"]
     assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())  # one writer
     first_epoch_train_loss = runfiles.read_metrics(two)[0]["train_loss"], runfiles.read_metrics(one)[0]["train_loss"]
     assert abs(np.subtract(*first_epoch_train_loss)) <= TOLERANCE

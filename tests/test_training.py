@@ -2,7 +2,9 @@
 
 import dataclasses
 import json
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -421,3 +423,16 @@ def test_loading_a_whole_model_refuses_a_partial_one():
     del tensors["blocks.1.kernels"]
     with pytest.raises(PortingError, match=r"missing: blocks\.1\.kernels"):
         backend_factory("flax").from_canonical(tensors, preset.model)
+
+
+def test_the_recorded_command_has_the_environment_and_launcher_that_shaped_the_run(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["scripts/train_torch.py", "--preset", "tiny"])
+    for name in (*runfiles.RUN_ENVIRONMENT, "TORCHELASTIC_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
+    assert runfiles.command_line() == f"{Path(sys.executable).name} scripts/train_torch.py --preset tiny"
+    # torchrun on 2 nodes of 2 processes, with XLA flags that need quoting and thread count
+    for name, value in (("XLA_FLAGS", "--a=1 --b=2"), ("OMP_NUM_THREADS", "1"), ("TORCHELASTIC_RUN_ID", "r"),
+                        ("WORLD_SIZE", "4"), ("LOCAL_WORLD_SIZE", "2")):
+        monkeypatch.setenv(name, value)
+    assert runfiles.command_line() == ("XLA_FLAGS='--a=1 --b=2' OMP_NUM_THREADS=1 torchrun --nnodes=2 "
+                                       "--nproc_per_node=2 scripts/train_torch.py --preset tiny")
