@@ -91,7 +91,7 @@ def resolve_source(path, source, download) -> tuple[str, Path | None]:
             raise DataError(path, "a CIFAR-10 archive, batches directory or image folder", "nothing there",
                             "Fix the path (--data or CIFAR10_PATH), or unset both and pass --download to fetch the "
                             "official archive.")
-        return source or _detect_kind(path), path
+        return _detect_kind(path, source), path
     root = default_data_root()
     for name, kind in ((sources.TARBALL_NAME, "tarball"), (sources.BATCHES_DIR_NAME, "batches"),
                        (sources.IMAGE_FOLDER_NAME, "imagefolder")):
@@ -107,13 +107,17 @@ def resolve_source(path, source, download) -> tuple[str, Path | None]:
                     "none of them", "Set CIFAR10_PATH to your copy, or allow the download (--download).")
 
 
-def _detect_kind(path: Path) -> str:
-    if path.is_file():
-        return "tarball"
-    if (path / "data_batch_1").exists():
-        return "batches"
-    if (path / "train").is_dir() or (path / "test").is_dir():
-        return "imagefolder"
+def _detect_kind(path: Path, asked: str | None) -> str:
+    """The kind of copy at `path`: the kind asked for, where the path holds one, else the first that fits."""
+    fitting = ["tarball"] if path.is_file() else [
+        kind for kind, fits in (("batches", (path / "data_batch_1").exists()),
+                                ("imagefolder", (path / "train").is_dir() or (path / "test").is_dir())) if fits]
+    if asked in fitting or (asked is None and fitting):
+        return asked or fitting[0]
+    if fitting:
+        raise DataError(path, f"a {asked!r} copy, the source asked for (--data-source or CIFAR10_SOURCE)",
+                        f"a {' or '.join(map(repr, fitting))} copy",
+                        f"Leave the source unset (the path's layout decides), or point the path at a {asked!r} copy.")
     found = sorted(p.name for p in path.iterdir())[:10]
     raise DataError(path, "a tarball, a directory with data_batch_1..5 and test_batch, or train/ and test/ "
                     "class folders", f"the entries {found}", "Point the loader at one of those.")

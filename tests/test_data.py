@@ -6,6 +6,7 @@ Each bad input is built here, in tmp_path; the real shared copy is only read.
 import hashlib
 import os
 import pickle
+import shutil
 import tarfile
 import warnings
 
@@ -314,12 +315,6 @@ def test_a_download_into_a_root_that_cannot_be_a_folder_is_a_data_error(batches,
         load_cifar10(cache_dir=cache, download=True)
 
 
-def test_source_tarball_on_a_directory_is_a_data_error(batches, cache):
-    directory, _ = batches
-    with pytest.raises(DataError, match="expected a readable gzip tar archive, found IsADirectoryError"):
-        load_cifar10(directory, source="tarball", cache_dir=cache)
-
-
 def test_download_with_another_source_asked_for_refuses_instead_of_fetching_the_archive(tmp_path, cache, monkeypatch):
     only_the_data_root(monkeypatch, tmp_path / "empty")
     with pytest.raises(DataError, match="'batches' source asked for, found no copy of it"):
@@ -341,6 +336,18 @@ def test_tfds_without_tensorflow_says_how_to_install_it(cache, monkeypatch):
 def test_unknown_source_kind_is_refused(cache):
     with pytest.raises(DataError, match="one of"):
         load_cifar10(source="lmdb", cache_dir=cache)
+
+
+def test_a_source_asked_for_that_the_path_does_not_hold_is_named_with_what_it_holds(batches, tmp_path, cache):
+    directory = shutil.copytree(batches[0], tmp_path / "copy")
+    for asked in ("tarball", "imagefolder"):
+        with pytest.raises(DataError, match=rf"expected a '{asked}' copy, the source asked for .*, found a "
+                                            r"'batches' copy\. Leave the source unset"):
+            load_cifar10(directory, source=asked, cache_dir=cache)
+    (directory / "train").mkdir()  # now it holds both layouts: the one asked for is read
+    with pytest.raises(DataError, match="train: expected exactly the class folders"):
+        load_cifar10(directory, source="imagefolder", cache_dir=cache)
+    assert load_cifar10(directory, source="batches", cache_dir=cache).source.startswith("batches:")
 
 
 def test_the_real_shared_copy(cifar10):
