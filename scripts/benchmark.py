@@ -256,8 +256,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=128)
     parser.add_argument("--merges", nargs="+", default=list(MERGE_MODES), choices=MERGE_MODES)
     parser.add_argument("--frameworks", nargs="+", default=["flax", "torch"], choices=("flax", "torch"))
-    parser.add_argument("--repeats", type=int, default=7, help="timed repetitions per figure (median)")
-    parser.add_argument("--processes", type=int, default=3,
+    # 15 x 5: on the 2-core VM, 7 steps in each of 3 processes put the seed preset's Flax / PyTorch
+    # anywhere in 0.84-1.10 for one code (results/benchmark/amd-avx2-head/).
+    parser.add_argument("--repeats", type=int, default=15, help="timed repetitions per figure (median)")
+    parser.add_argument("--processes", type=int, default=5,
                         help="fresh processes per figure, alternating the frameworks (median, range shown)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu",
                         help="where both frameworks run (cuda: the first GPU; GFLOP/s then against its matmul rates)")
