@@ -119,8 +119,9 @@ def _detect_kind(path: Path, asked: str | None) -> str:
                         f"a {' or '.join(map(repr, fitting))} copy",
                         f"Leave the source unset (the path's layout decides), or point the path at a {asked!r} copy.")
     found = sorted(p.name for p in path.iterdir())[:10]
-    raise DataError(path, "a tarball, a directory with data_batch_1..5 and test_batch, or train/ and test/ "
-                    "class folders", f"the entries {found}", "Point the loader at one of those.")
+    kinds = "a tarball, a directory with data_batch_1..5 and test_batch, or train/ and test/ class folders"
+    raise DataError(path, f"a {asked!r} copy" if asked else kinds, f"the entries {found}",
+                    f"Point the loader at {'one' if asked else 'one of those'}.")
 
 
 def _read_source(kind: str, location: Path | None, download: bool) -> sources.Splits:

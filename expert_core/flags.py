@@ -26,9 +26,13 @@ def refuse_an_unwritable_json(parser: argparse.ArgumentParser, path: str | None)
     if path is None:
         return
     folder = Path(path).parent
-    problem = ("is a directory" if Path(path).is_dir() else f"its folder {folder} does not exist"
-               if not folder.is_dir() else f"its folder {folder} is not writable" if not os.access(folder, os.W_OK)
-               else None)
-    if problem:
-        parser.error(f"expected --json to name a file that can be written, found {path}: {problem}. "
-                     "Create the folder or choose another path.")
+    if Path(path).is_dir():
+        problem = "is a directory"
+    elif not folder.is_dir():
+        problem = f"its folder {folder} does not exist"
+    elif not os.access(folder, os.W_OK | os.X_OK):  # a new file needs both
+        problem = f"its folder {folder} is not writable"
+    else:
+        return
+    parser.error(f"expected --json to name a file that can be written, found {path}: {problem}. "
+                 "Create the folder or choose another path.")

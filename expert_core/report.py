@@ -202,7 +202,9 @@ def _segment_text(segment: dict) -> str:
     epochs = f"epochs {first}-{last}" if last >= first else "no epochs (final evaluation)"
     if not segment.get("recorded", True):
         return f"{epochs}: not recorded"
-    return f"{epochs}: {segment['git_commit'][:10]}, {segment['device']}, {segment['cpu']}"
+    commit = segment["git_commit"]
+    short = commit[:10] + ("-dirty" if commit.endswith("-dirty") else "")
+    return f"{epochs}: {short}, {segment['device']}, {segment['cpu']}"
 
 
 def _entropy_fraction(run: Run) -> str:

@@ -143,15 +143,18 @@ def cpu_name() -> str:
     return f"{name} ({isa})" if isa else name
 
 
-# Set, these change what a run computes or how fast: devices, processes, threads, allocator.
-RUN_ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS", "XLA_FLAGS", "JAX_COORDINATOR_ADDRESS",
-                   "JAX_NUM_PROCESSES", "JAX_PROCESS_ID", "OMP_NUM_THREADS", "GLIBC_TUNABLES")
+# Set, these change what a run computes or how fast: devices, processes, precision, threads, allocator.
+RUN_ENVIRONMENT = ("CUDA_VISIBLE_DEVICES", "JAX_PLATFORMS", "XLA_FLAGS", "JAX_ENABLE_X64",
+                   "JAX_DEFAULT_MATMUL_PRECISION", "JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID",
+                   "OMP_NUM_THREADS", "MKL_NUM_THREADS", "GLIBC_TUNABLES")
 
 
 def command_line() -> str:
-    """The command as typed, quoted so that it can be pasted back into a shell, after the
-    RUN_ENVIRONMENT variables that are set. Under torchrun, whose own flags this process cannot see,
-    the launch is written as torchrun with this run's node and process counts."""
+    """The command, quoted for a shell, after the RUN_ENVIRONMENT variables set in this process
+    (a launcher may have set some: torchrun sets OMP_NUM_THREADS=1; a multi-process JAX run records
+    the main process's JAX_PROCESS_ID). Under torchrun, whose own flags this process cannot see, the
+    launch is written as torchrun with the node and process counts; on several nodes its rendezvous
+    flags must be added back."""
     environment = [f"{name}={shlex.quote(os.environ[name])}" for name in RUN_ENVIRONMENT if name in os.environ]
     launcher = [Path(sys.executable).name]
     if "TORCHELASTIC_RUN_ID" in os.environ:

@@ -228,9 +228,9 @@ def conv2d_as_matmul(x, kernel):
     return in_batch_chunks(compute, image_elements(x, k, c_out, own_kernel=False), x)
 
 
-def _pool_windows(x):
+def pool_windows(x):
     """(N, H, W, C) -> (N, H // 2, 2, W // 2, 2, C), a free reshape; an odd last row or column is
-    dropped, as in PyTorch."""
+    dropped, as in PyTorch. Takes numpy arrays too."""
     n, h, w, c = x.shape
     return x[:, :h - h % 2, :w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c)
 
@@ -245,7 +245,7 @@ def max_pool_2x2(x):
     step on a 2-core AMD EPYC (AVX2), alternating in one process, 368 -> 339 ms (median) against four
     strided slices, whose gradient XLA:CPU fused into pads it could not vectorise.
     """
-    return _pool_windows(x).max(axis=(2, 4))
+    return pool_windows(x).max(axis=(2, 4))
 
 
 def _max_pool_forward(x):
@@ -255,7 +255,7 @@ def _max_pool_forward(x):
 
 def _max_pool_backward(residuals, dy):
     x, y = residuals
-    windows = _pool_windows(x)
+    windows = pool_windows(x)
     rank = jnp.arange(4).reshape(2, 1, 2, 1)  # row-major position within the window
     # PyTorch's scan keeps the first maximum and then any later NaN: the last NaN wins, else the first max.
     score = jnp.where(jnp.isnan(windows), -1 - rank, jnp.where(windows == y[:, :, None, :, None], rank, 4))
@@ -297,6 +297,13 @@ def merge_aggregated(x, kernels, attention):
     return in_batch_chunks(compute, image_elements(x, k, c_out, own_kernel=True), x, attention)
 
 
+def relu(module: nn.Module, x):
+    """ReLU that keeps its input in the "intermediates" collection when that is mutable (a no-op
+    otherwise): parity.checks.decision_checks reads there which signs the compiled pass decided."""
+    module.sow("intermediates", "relu_input", x)
+    return nn.relu(x)
+
+
 MERGES = {"branches": merge_branches, "stacked": merge_stacked, "aggregated": merge_aggregated}
 
 
@@ -321,7 +328,7 @@ class Stem(nn.Module):
         k = self.config.kernel_size
         kernel = PatchConvKernel((k, k, x.shape[-1], self.config.stem_channels), name="conv")()
         bn = BatchNorm(self.config.bn_momentum, self.config.bn_eps, name="bn")
-        return nn.relu(bn(in_dtype(conv2d_as_matmul, self.compute_dtype, x, kernel), train))
+        return relu(self, bn(in_dtype(conv2d_as_matmul, self.compute_dtype, x, kernel), train))
 
 
 def _dense(features: int, fan_in: int, name: str) -> nn.Dense:
@@ -337,7 +344,7 @@ class ExpertBranch(nn.Module):
     def __call__(self, x, temperature):
         c = x.shape[-1]
         hidden = self.config.expert_hidden(c)
-        h = nn.relu(_dense(hidden, c, "fc1")(x.mean(axis=(1, 2))))
+        h = relu(self, _dense(hidden, c, "fc1")(x.mean(axis=(1, 2))))
         z = _dense(self.config.num_experts, hidden, "fc2")(h)
         return jax.nn.softmax(z / temperature, axis=-1)
 
@@ -359,7 +366,7 @@ class ExpertBlock(nn.Module):
         y = BatchNorm(self.config.bn_momentum, self.config.bn_eps, name="bn")(y, train)
         if self.block.residual:
             y = y + x
-        y = nn.relu(y)
+        y = relu(self, y)
         if self.block.pool:
             y = max_pool_2x2(y)
         return y, attention
@@ -374,7 +381,7 @@ class Classifier(nn.Module):
     def __call__(self, x, train: bool):
         x = x.mean(axis=(1, 2))
         if self.config.classifier_hidden:
-            x = nn.relu(_dense(self.config.classifier_hidden, x.shape[-1], "hidden")(x))
+            x = relu(self, _dense(self.config.classifier_hidden, x.shape[-1], "hidden")(x))
             x = nn.Dropout(self.config.dropout, deterministic=not train)(x)
         return _dense(self.config.num_classes, x.shape[-1], "out")(x)
 

@@ -165,25 +165,72 @@ def _float32_check(quantity: str, diff: float, tolerance: float, torch_floor: fl
                  note + ("" if judged else f"; over {tolerance:.0e}, so float64 judges"))
 
 
-def _gradients(pair: Pair, images, labels, temperature: float, smoothing: float, dtype: str) -> tuple[dict, dict]:
-    """Each framework's gradients of the label-smoothed train-mode loss, canonical names, in `dtype`."""
-    torch_net = copy.deepcopy(pair.torch_net).to(getattr(torch, dtype)).train(True)  # pair's statistics stay
-    t_logits = torch_net(torch_model.to_model_input(images).to(getattr(torch, dtype)), temperature=temperature)
-    torch_train.smoothed_cross_entropy(t_logits, torch.as_tensor(labels), smoothing).backward()
-    t_grads = {k: p.grad.numpy() for k, p in torch_net.named_parameters()}
+@dataclass
+class BackwardPass:
+    """One framework's gradients of the label-smoothed train-mode loss (canonical names), and each
+    ReLU's input as that same computation saw it (layer -> array, channels last; see `relu_layers`)."""
 
+    gradients: dict[str, np.ndarray]
+    relu_inputs: dict[str, np.ndarray]
+
+
+def backward_passes(pair: Pair, images, labels, temperature: float, smoothing: float,
+                    dtype: str) -> dict[str, BackwardPass]:
+    """{"PyTorch": ..., "Flax": ...} in `dtype`; float64 needs `jax.enable_x64` around the call."""
+    return {"PyTorch": _torch_backward(pair, images, labels, temperature, smoothing, dtype),
+            "Flax": _flax_backward(pair, images, labels, temperature, smoothing, dtype)}
+
+
+def relu_layers(config: ModelConfig) -> dict[str, bool]:
+    """Every ReLU of the network, named by the module that holds it, and whether a 2x2 max-pool follows."""
+    layers = {"stem": False}
+    for i, block in enumerate(config.blocks):
+        layers |= {f"blocks.{i}.expert": False, f"blocks.{i}": block.pool}
+    return layers | ({"classifier": False} if config.classifier_hidden else {})
+
+
+def _torch_backward(pair: Pair, images, labels, temperature: float, smoothing: float, dtype: str) -> BackwardPass:
+    net = copy.deepcopy(pair.torch_net).to(getattr(torch, dtype)).train(True)  # pair's statistics stay
+    seen = {}  # what the modules before each ReLU gave, channels last
+
+    def keep(name, pre=False):
+        def hook(module, args, output=None):
+            value = (args[0] if pre else output).detach().numpy()
+            seen[name] = value.transpose(0, 2, 3, 1) if value.ndim == 4 else value
+        return hook
+
+    net.stem.bn.register_forward_hook(keep("stem"))
+    for i, block in enumerate(net.blocks):
+        block.register_forward_pre_hook(keep(f"blocks.{i}.input", pre=True))
+        block.expert.fc1.register_forward_hook(keep(f"blocks.{i}.expert"))
+        block.bn.register_forward_hook(keep(f"blocks.{i}"))
+    if pair.config.classifier_hidden:
+        net.classifier.hidden.register_forward_hook(keep("classifier"))
+    logits = net(torch_model.to_model_input(images).to(getattr(torch, dtype)), temperature=temperature)
+    torch_train.smoothed_cross_entropy(logits, torch.as_tensor(labels), smoothing).backward()
+    for i, block in enumerate(pair.config.blocks):
+        block_input = seen.pop(f"blocks.{i}.input")
+        if block.residual:  # numpy's float32 add is PyTorch's, bit for bit
+            seen[f"blocks.{i}"] = seen[f"blocks.{i}"] + block_input
+    return BackwardPass({k: p.grad.numpy() for k, p in net.named_parameters()}, seen)
+
+
+def _flax_backward(pair: Pair, images, labels, temperature: float, smoothing: float, dtype: str) -> BackwardPass:
     flax_net = pair.flax_net.clone(compute_dtype=jnp.dtype(dtype))
     variables = jax.tree.map(lambda v: jnp.asarray(v, dtype), pair.variables)
     x = flax_model.to_model_input(jnp.asarray(images)).astype(dtype)
 
     def loss_fn(params):
-        logits, _ = flax_net.apply({**variables, "params": params}, x, train=True, temperature=temperature,
-                                   mutable=["batch_stats"])
-        return flax_train.smoothed_cross_entropy(logits, jnp.asarray(labels), smoothing)
+        logits, state = flax_net.apply({**variables, "params": params}, x, train=True, temperature=temperature,
+                                       mutable=["batch_stats", "intermediates"])
+        return flax_train.smoothed_cross_entropy(logits, jnp.asarray(labels), smoothing), state["intermediates"]
 
-    f_grads = flax_to_canonical({"params": jax.jit(jax.grad(loss_fn))(variables["params"]),
-                                 "batch_stats": variables["batch_stats"]}, pair.config)
-    return t_grads, f_grads
+    # One compiled program gives both, so the ReLU inputs are the values this gradient used.
+    gradients, sown = jax.jit(jax.grad(loss_fn, has_aux=True))(variables["params"])
+    relu_inputs = {".".join(path[:-1]).replace("blocks_", "blocks."): np.asarray(value[0])
+                   for path, value in flatten_dict(sown).items()}
+    return BackwardPass(flax_to_canonical({"params": gradients, "batch_stats": variables["batch_stats"]},
+                                          pair.config), relu_inputs)
 
 
 def _worst_relative(reference: dict, other: dict) -> tuple[str, float]:
@@ -202,119 +249,59 @@ def gradient_checks(pair: Pair, images, labels, temperature: float, smoothing: f
     two values lie within float32 rounding of each other sends its gradient to whichever pixel a
     framework's rounding favours (seed preset, 32 test images, on a 2-core Intel Xeon: one window of
     65,536 in block 2 of PyTorch's float32 pass, which moved every gradient below it by up to 7.6e-3).
-    `decision_checks` names such windows.
+    Two reported rows name, per framework, the decisions of that kind its float32 pass changed.
     """
     with jax.enable_x64(True):
-        t64, f64 = _gradients(pair, images, labels, temperature, smoothing, "float64")
-    t32, f32 = _gradients(pair, images, labels, temperature, smoothing, "float32")
+        high = backward_passes(pair, images, labels, temperature, smoothing, "float64")
+    low = backward_passes(pair, images, labels, temperature, smoothing, "float32")
+    t64, f64, t32, f32 = (passes[f].gradients for passes in (high, low) for f in ("PyTorch", "Flax"))
     (name64, worst64), (name32, worst32) = _worst_relative(t64, f64), _worst_relative(t32, f32)
     (t_name, t_floor), (f_name, f_floor) = _worst_relative(t64, t32), _worst_relative(f64, f32)
     quantity = "gradients, max |diff| / max |grad| over tensors"
     floors = f"float32 vs float64: PyTorch {t_floor:.1e} ({t_name}), Flax {f_floor:.1e} ({f_name})"
     return [Check(f"{quantity}, float64", worst64, FLOAT64_GRADIENT_TOLERANCE, f"worst: {name64}; {len(t64)} tensors"),
-            _float32_check(f"{quantity}, float32", worst32, tolerance, t_floor, f_floor, f"worst: {name32}; {floors}")]
+            _float32_check(f"{quantity}, float32", worst32, tolerance, t_floor, f_floor, f"worst: {name32}; {floors}")
+            ] + [_decision_row(framework, low[framework], high[framework], relu_layers(pair.config))
+                 for framework in ("PyTorch", "Flax")]
 
 
-def _kink_names(config: ModelConfig) -> list[str]:
-    """The modules whose outputs give every ReLU's input: BatchNorms, expert FCs, blocks, the classifier."""
-    names = ["stem.bn", "stem"]
-    for i in range(len(config.blocks)):
-        names += [f"blocks.{i}.expert.fc1", f"blocks.{i}.bn", f"blocks.{i}"]
-    return names + (["classifier.hidden"] if config.classifier_hidden else [])
+def _decision_row(framework: str, low: BackwardPass, high: BackwardPass, layers: dict[str, bool]) -> Check:
+    """Reported: the ReLU signs and max-pool winners `framework`'s float32 pass decided otherwise than
+    its float64 pass, by layer with the float64 margin; why a float32 row may be left to float64."""
+    found = {(layer, kind): flip for layer, pooled in layers.items()
+             for kind, flip in decision_flips(low.relu_inputs[layer], high.relu_inputs[layer], pooled).items()}
+    notes = [f"{layer} {kind}: {n} (float64 margin {margin:.1e})" for (layer, kind), (n, margin) in found.items()]
+    decisions = sum(x.size + (_windows_last(x).size // 4 if layers[layer] else 0)
+                    for layer, x in low.relu_inputs.items())
+    return Check(f"float32 ReLU / max-pool decisions unlike float64, {framework}", sum(n for n, _ in found.values()),
+                 None, "; ".join(notes) or f"none of {decisions}")
 
 
-def _torch_outputs(pair: Pair, images, temperature: float, dtype: str) -> dict[str, np.ndarray]:
-    """Train-mode outputs of the `_kink_names` modules, channels last."""
-    net = copy.deepcopy(pair.torch_net).to(getattr(torch, dtype)).train(True)  # pair's statistics stay
-    outputs, wanted = {}, set(_kink_names(pair.config))
-
-    def keep(name):
-        def hook(module, args, output):
-            value = (output[0] if isinstance(output, tuple) else output).detach().numpy()
-            outputs[name] = value.transpose(0, 2, 3, 1) if value.ndim == 4 else value
-        return hook
-
-    for name, module in net.named_modules():
-        if name in wanted:
-            module.register_forward_hook(keep(name))
-    with torch.no_grad():
-        net(torch_model.to_model_input(images).to(getattr(torch, dtype)), temperature=temperature)
-    return outputs
-
-
-def _flax_outputs(pair: Pair, images, temperature: float, dtype: str) -> dict[str, np.ndarray]:
-    """Train-mode outputs of the `_kink_names` modules, under PyTorch's names."""
-    variables = jax.tree.map(lambda v: jnp.asarray(v, dtype), pair.variables)
-    _, state = pair.flax_net.clone(compute_dtype=jnp.dtype(dtype)).apply(
-        variables, flax_model.to_model_input(jnp.asarray(images)).astype(dtype), train=True,
-        temperature=temperature, mutable=["batch_stats", "intermediates"], capture_intermediates=True)
-    captured = {".".join(path[:-1]).replace("blocks_", "blocks."): value[0]
-                for path, value in flatten_dict(state["intermediates"]).items()}
-    return {name: np.asarray(captured[name][0] if isinstance(captured[name], tuple) else captured[name])
-            for name in _kink_names(pair.config)}
-
-
-def _relu_inputs(outputs: dict[str, np.ndarray], config: ModelConfig) -> dict[str, tuple[np.ndarray, bool]]:
-    """Each ReLU's input, by layer, and whether a 2x2 max-pool follows it."""
-    inputs = {"stem": (outputs["stem.bn"], False)}
-    block_input = outputs["stem"]
-    for i, block in enumerate(config.blocks):
-        inputs[f"blocks.{i}.expert.fc1"] = (outputs[f"blocks.{i}.expert.fc1"], False)
-        y = outputs[f"blocks.{i}.bn"]
-        inputs[f"blocks.{i}"] = (y + block_input if block.residual else y, block.pool)
-        block_input = outputs[f"blocks.{i}"]
-    if config.classifier_hidden:
-        inputs["classifier.hidden"] = (outputs["classifier.hidden"], False)
-    return inputs
-
-
-def _pool_windows(x: np.ndarray) -> np.ndarray:
-    """(N, H, W, C) -> (N, H // 2, W // 2, C, 4), each window's values in row-major order."""
+def _windows_last(x: np.ndarray) -> np.ndarray:
+    """(N, H, W, C) -> (N, H // 2, W // 2, C, 4): each 2x2 window's values in row-major order."""
     n, h, w, c = x.shape
-    windows = x[:, :h - h % 2, :w - w % 2].reshape(n, h // 2, 2, w // 2, 2, c)
-    return windows.transpose(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, c, 4)
+    return flax_model.pool_windows(x).transpose(0, 1, 3, 5, 2, 4).reshape(n, h // 2, w // 2, c, 4)
 
 
 def decision_flips(low: np.ndarray, high: np.ndarray, pooled: bool) -> dict[str, tuple[int, float]]:
-    """Where a lower-precision pass decided otherwise than a higher-precision one at a ReLU (its sign)
-    and the max-pool after it (the window's winner, its first maximum, to which the gradient goes):
-    {"ReLU" / "max-pool": (decisions that differ, the smallest high-precision margin among them)}.
-    Gradients are smooth everywhere else, so these are where they can part by more than rounding."""
+    """Where a lower-precision pass decided otherwise than a higher-precision one, given each pass's
+    ReLU input: {"ReLU" / "max-pool": (decisions that differ, the smallest high-precision margin)}.
+
+    A ReLU decides its input's sign; a max-pool after it, its window's winner (the first maximum in
+    row-major order), which takes the gradient. A pixel can count twice, as a sign and as a winner.
+    A window with nothing positive in high precision passes no gradient there, so a flip in it is
+    its ReLU's and counts once. The gradient is smooth everywhere else."""
     flips = {}
     relu = (low > 0) != (high > 0)
     if relu.any():
         flips["ReLU"] = (int(relu.sum()), float(np.abs(high[relu]).min()))
     if pooled:
-        low_windows, high_windows = _pool_windows(np.maximum(low, 0)), _pool_windows(np.maximum(high, 0))
-        winner = low_windows.argmax(-1) != high_windows.argmax(-1)
+        low_windows, high_windows = _windows_last(np.maximum(low, 0)), _windows_last(np.maximum(high, 0))
+        winner = (low_windows.argmax(-1) != high_windows.argmax(-1)) & (high_windows.max(-1) > 0)
         if winner.any():
             top_two = np.sort(high_windows[winner], axis=-1)[:, -2:]
             flips["max-pool"] = (int(winner.sum()), float((top_two[:, 1] - top_two[:, 0]).min()))
     return flips
-
-
-@_exact
-def decision_checks(pair: Pair, images, temperature: float) -> list[Check]:
-    """Per framework, the ReLU signs and max-pool winners its float32 train-mode pass decides otherwise
-    than its own float64 pass, with the float64 margin: reported, to say why a float32 gradient or
-    trajectory row was left to float64 (a near-tie sends the gradient down another path)."""
-    rows = []
-    for framework, outputs in (("PyTorch", _torch_outputs), ("Flax", _flax_outputs)):
-        with jax.enable_x64(True):
-            high = _relu_inputs(outputs(pair, images, temperature, "float64"), pair.config)
-        low = _relu_inputs(outputs(pair, images, temperature, "float32"), pair.config)
-        found = {(layer, kind): flip for layer, (x, pooled) in low.items()
-                 for kind, flip in decision_flips(x, high[layer][0], pooled).items()}
-        notes = [f"{layer} {kind}: {n} (float64 margin {margin:.1e})" for (layer, kind), (n, margin) in found.items()]
-        rows.append(Check(f"float32 ReLU / max-pool decisions unlike float64, {framework}",
-                          sum(n for n, _ in found.values()), None,
-                          "; ".join(notes) or f"none of {_decision_count(low)}"))
-    return rows
-
-
-def _decision_count(relu_inputs: dict[str, tuple[np.ndarray, bool]]) -> int:
-    return sum(x.size + (int(np.prod(_pool_windows(x).shape[:-1])) if pooled else 0)
-               for x, pooled in relu_inputs.values())
 
 
 def train_both(pair: Pair, train_config: TrainConfig, batches, steps_per_epoch: int, temperature: float,
@@ -461,7 +448,6 @@ def run_all(config: ModelConfig, train_config: TrainConfig, images, labels, stat
     rows += train_mode_checks(no_dropout, images[:256], temperature)
     rows += gradient_checks(no_dropout, images[:batch_size], labels[:batch_size], temperature,
                             train_config.label_smoothing)
-    rows += decision_checks(no_dropout, images[:batch_size], temperature)
     steps_per_epoch = max(steps // 3, 1)
     decaying = dataclasses.replace(train_config, step_size_epochs=1, epochs=-(-steps // steps_per_epoch))
     batches = parity_batches(images, labels, train_config, steps, batch_size, seed)

@@ -288,7 +288,8 @@ def main(argv=None) -> int:
         print_ratios(rows, name)
     if args.json:
         write_json(Path(args.json), {"device": args.device, "cpu": cpu_name(), **limits, "glibc_tunables": tunables,
-                                     "precision": args.precision, "rows": rows})
+                                     "precision": args.precision, "repeats": args.repeats,
+                                     "processes": args.processes, "rows": rows})
     return 0
 
 

@@ -19,8 +19,9 @@ from flax_expert.model import init_variables
 from flax_expert.model import max_pool_2x2 as flax_max_pool_2x2
 from flax_expert.model import to_model_input as flax_to_model_input
 from flax_expert.train import FlaxBackend
-from parity.checks import (GRADIENT_TOLERANCE, Pair, decision_flips, eval_checks, gradient_checks, optimizer_checks,
-                           parity_batches, run_all, train_mode_checks, trajectory_checks)
+from parity.checks import (GRADIENT_TOLERANCE, Pair, backward_passes, decision_flips, eval_checks, gradient_checks,
+                           optimizer_checks, parity_batches, relu_layers, run_all, train_mode_checks,
+                           trajectory_checks)
 from parity.convert import port_flax_to_torch, port_torch_to_flax
 from scripts_as_modules import load_script
 from test_training import backend_factory
@@ -186,16 +187,34 @@ def test_all_checks_on_real_images(cifar10, preset):
 
 
 def test_decision_flips_finds_the_relu_signs_and_pool_winners_that_rounding_changed():
-    high = np.zeros((1, 2, 4, 1))
-    high[0, :, :2, 0] = [[1.0, 1.0 + 1e-9], [0.5, -3.0]]  # window 1: the second pixel wins by 1e-9
-    high[0, :, 2:, 0] = [[-1.0, 2e-9], [-1.0, -1.0]]  # window 2: ReLU keeps only the 2e-9, which wins
-    low = high.astype(np.float32).astype(np.float64)  # 1 + 1e-9 -> 1: the first pixel wins instead
+    high = np.zeros((1, 2, 6, 1))
+    high[0, :, :2, 0] = [[0.5, 1.0], [1.0 + 1e-9, -3.0]]  # window 1: the lower left wins by 1e-9
+    high[0, :, 2:4, 0] = [[-1.0, 2e-9], [-1.0, -1.0]]  # window 2: ReLU keeps only the 2e-9, which wins
+    high[0, :, 4:, 0] = [[-1e-9, -1.0], [-1.0, -1.0]]  # window 3: nothing positive, no gradient to send
+    low = high.astype(np.float32).astype(np.float64)  # 1 + 1e-9 -> 1: the first maximum, row-major, wins
     low[0, 0, 3, 0] = -1e-9  # rounding turns the 2e-9 negative: all four are 0, and the first wins
-    assert decision_flips(low, high, pooled=False) == {"ReLU": (1, 2e-9)}
+    low[0, 0, 4, 0] = 1e-9  # and the -1e-9 positive: a ReLU flip, whose window counts once, as that
+    assert decision_flips(low, high, pooled=False) == {"ReLU": (2, 1e-9)}
     flips = decision_flips(low, high, pooled=True)
-    assert flips["ReLU"] == (1, 2e-9)
+    assert flips["ReLU"] == (2, 1e-9)
     assert flips["max-pool"][0] == 2 and flips["max-pool"][1] == pytest.approx(1e-9, rel=1e-6)
     assert decision_flips(high, high, pooled=True) == {}
+
+
+def test_both_frameworks_give_every_relu_input_alike(cifar10_small):
+    """What the decision rows compare: each ReLU's input, captured the same way in both frameworks
+    (NHWC, before the ReLU, the residual added), so float64 puts them 1e-15 apart."""
+    images, labels = (array[:8] for array in cifar10_small)
+    pair = Pair.from_torch(dataclasses.replace(SMALL, dropout=0.0))
+    with jax.enable_x64(True):
+        passes = backward_passes(pair, images, labels, SMALL.temperature, 0.1, "float64")
+    layers = relu_layers(SMALL)
+    assert list(layers) == ["stem", "blocks.0.expert", "blocks.0", "blocks.1.expert", "blocks.1", "classifier"]
+    assert set(passes["PyTorch"].relu_inputs) == set(passes["Flax"].relu_inputs) == set(layers)
+    for layer in layers:
+        torch_input, flax_input = passes["PyTorch"].relu_inputs[layer], passes["Flax"].relu_inputs[layer]
+        assert torch_input.shape == flax_input.shape and (torch_input < 0).any(), layer
+        np.testing.assert_allclose(torch_input, flax_input, rtol=0, atol=1e-9, err_msg=layer)
 
 
 # The two optimisers the `fast` preset has scaled its BatchNorm biases under: the divided weight decay

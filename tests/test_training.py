@@ -181,8 +181,8 @@ def test_resume_gives_the_same_run_as_no_interruption(framework, tmp_path):
     for segment, row in zip(resumed["segments"], resumed_rows):
         assert segment["train_wall_seconds"] == round(row["epoch_seconds"], 2)
         assert segment["images_per_second"] == round(row["images_per_second"], 1)
-        assert {segment[k] for k in ("git_commit", "command", "device", "cpu")} <= {
-            resumed[k] for k in ("git_commit", "command", "device", "cpu")}
+        for key in ("git_commit", "command", "device", "cpu"):  # one process ran both segments here
+            assert segment[key] == resumed[key], key
 
 
 @pytest.mark.parametrize("framework", FRAMEWORKS)
