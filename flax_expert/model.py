@@ -299,7 +299,7 @@ def merge_aggregated(x, kernels, attention):
 
 def relu(module: nn.Module, x):
     """ReLU that keeps its input in the "intermediates" collection when that is mutable (a no-op
-    otherwise): parity.checks.decision_checks reads there which signs the compiled pass decided."""
+    otherwise): parity.checks.gradient_checks reads there which signs the compiled pass decided."""
     module.sow("intermediates", "relu_input", x)
     return nn.relu(x)
 
