@@ -65,13 +65,30 @@ def model_flops_per_image(config: ModelConfig) -> float:
     return 2.0 * (macs + features * config.num_classes)
 
 
+def physical_cores(cpus, core_of) -> int:
+    """How many physical cores the logical CPUs `cpus` span: two hyperthreads of one core share its FMA
+    units. core_of(cpu) gives a CPU's (package, core) pair, or None where the kernel does not say;
+    then each CPU counts as a core of its own."""
+    return len({core_of(cpu) or ("cpu", cpu) for cpu in cpus})
+
+
+def sysfs_core(cpu: int) -> tuple[str, str] | None:
+    topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+    try:
+        return (topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()
+    except OSError:
+        return None
+
+
 def cpu_peak_gflops() -> tuple[float, str]:
-    """cores x 2 FMA units x fp32 lanes x 2 flops x clock, from /proc/cpuinfo."""
+    """cores x 2 FMA units x fp32 lanes x 2 flops x clock, from /proc/cpuinfo and the CPU topology."""
     mhz = max([float(v) for v in cpuinfo_values("cpu MHz")] or [2000.0])
     lanes = {"AVX-512": 16, "AVX2": 8}.get(cpu_vector_isa(), 4)
     # The CPUs this process may run on (taskset, cgroups), which both frameworks size their thread pools by.
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    formula = f"{cores} core{'s' * (cores > 1)} x 2 FMA x {lanes} lanes x 2 x {mhz / 1000:.2f} GHz"
+    cpus = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    cores = physical_cores(cpus, sysfs_core)
+    shared = f" ({len(cpus)} logical CPUs)" if len(cpus) != cores else ""
+    formula = f"{cores} core{'s' * (cores > 1)}{shared} x 2 FMA x {lanes} lanes x 2 x {mhz / 1000:.2f} GHz"
     return cores * 2 * lanes * 2 * mhz / 1000, formula
 
 

@@ -52,3 +52,11 @@ def test_ratios_are_flax_over_torch_and_each_merge_over_branches(capsys):
         "p / flax: aggregated / branches train-step ratio 3.00, merges alone (forward + backward) 4.00",
         "p / torch: aggregated / branches train-step ratio 1.25, merges alone (forward + backward) 2.50",
         "p / torch: stacked / branches train-step ratio 0.01, merges alone (forward + backward) 20.00"]
+
+
+def test_the_peak_counts_hyperthreads_of_one_core_once():
+    physical_cores = load_script("benchmark").physical_cores
+    topology = {0: ("0", "0"), 1: ("0", "1"), 2: ("0", "0"), 3: ("0", "1"), 4: ("1", "0")}
+    assert physical_cores([0, 1, 2, 3], topology.get) == 2
+    assert physical_cores([0, 4], topology.get) == 2  # core 0 of another package is another core
+    assert physical_cores([0, 2, 7, 8], topology.get) == 3  # CPUs the kernel gives no topology for count alone
