@@ -38,7 +38,7 @@ from data.augment import draw_augment_params
 from expert_core.config import MERGE_MODES, PRESETS, ModelConfig, block_merge, get_preset
 from expert_core.flags import refuse_an_unwritable_json, refuse_counts_below_one
 from expert_core.huge_pages import relaunch_with_huge_pages
-from expert_core.runfiles import cpu_name, cpu_vector_isa, cpuinfo_values, write_json
+from expert_core.runfiles import command_line, cpu_name, cpu_vector_isa, cpuinfo_values, git_commit, write_json
 
 
 def block_shapes(config: ModelConfig, batch: int) -> list[tuple[int, int, int, int, int]]:
@@ -293,7 +293,8 @@ def main(argv=None) -> int:
     refuse_an_unwritable_json(parser, args.json)
     limits = measure_limits(args.device)
     tunables = os.environ.get("GLIBC_TUNABLES", "")
-    print(f"{args.device.upper()}: {limits['device_name']} (host CPU: {cpu_name()}); peak ~{limits['peak_gflops']:.0f} "
+    code = git_commit()
+    print(f"code {code}; {args.device.upper()}: {limits['device_name']} (host CPU: {cpu_name()}); peak ~{limits['peak_gflops']:.0f} "
           f"GFLOP/s ({limits['peak_formula']}); {limits['matmul_formula']} runs at {limits['matmul_gflops']:.0f} "
           f"GFLOP/s; GLIBC_TUNABLES={tunables!r}; precision {args.precision}")
     rng = np.random.default_rng(0)
@@ -304,7 +305,8 @@ def main(argv=None) -> int:
         rows += bench_preset(name, args, limits, pool, pool_labels)
         print_ratios(rows, name)
     if args.json:
-        write_json(Path(args.json), {"device": args.device, "cpu": cpu_name(), **limits, "glibc_tunables": tunables,
+        write_json(Path(args.json), {"git_commit": code, "command": command_line(), "device": args.device,
+                                     "cpu": cpu_name(), **limits, "glibc_tunables": tunables,
                                      "precision": args.precision, "repeats": args.repeats,
                                      "processes": args.processes, "rows": rows})
     return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from expert_core.runfiles import git_commit
 from scripts_as_modules import load_script
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -19,7 +20,10 @@ def test_benchmark_measures_both_frameworks_and_both_ratios(tmp_path):
                              "aggregated", "--batch-size", "16", "--repeats", "1", "--processes", "1",
                              "--json", str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    benchmark = json.loads(out.read_text())
+    assert benchmark["git_commit"].startswith(git_commit().removesuffix("-dirty"))
+    assert "scripts/benchmark.py --presets tiny" in benchmark["command"]
+    rows = benchmark["rows"]
     assert {(r["framework"], r["merge"]) for r in rows} == {(f, m) for f in ("flax", "torch")
                                                            for m in ("branches", "aggregated")}
     for row in rows:
