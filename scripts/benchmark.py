@@ -67,17 +67,21 @@ def model_flops_per_image(config: ModelConfig) -> float:
 
 def physical_cores(cpus, core_of) -> int:
     """How many physical cores the logical CPUs `cpus` span: two hyperthreads of one core share its FMA
-    units. core_of(cpu) gives a CPU's (package, core) pair, or None where the kernel does not say;
-    then each CPU counts as a core of its own."""
+    units. core_of(cpu) names a CPU's core (the same name for its hyperthreads), or is None where the
+    kernel does not say; then each CPU counts as a core of its own."""
     return len({core_of(cpu) or ("cpu", cpu) for cpu in cpus})
 
 
-def sysfs_core(cpu: int) -> tuple[str, str] | None:
+def sysfs_core(cpu: int) -> str | None:
+    """The logical CPUs that share `cpu`'s core, as the kernel lists them (core_id alone repeats across
+    packages and dies). A VM sees only the topology its hypervisor presents."""
     topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
-    try:
-        return (topology / "physical_package_id").read_text().strip(), (topology / "core_id").read_text().strip()
-    except OSError:
-        return None
+    for name in ("core_cpus_list", "thread_siblings_list"):  # the second is the older kernels' name
+        try:
+            return (topology / name).read_text().strip()
+        except OSError:
+            continue
+    return None
 
 
 def cpu_peak_gflops() -> tuple[float, str]:
@@ -294,9 +298,10 @@ def main(argv=None) -> int:
     limits = measure_limits(args.device)
     tunables = os.environ.get("GLIBC_TUNABLES", "")
     code = git_commit()
-    print(f"code {code}; {args.device.upper()}: {limits['device_name']} (host CPU: {cpu_name()}); peak ~{limits['peak_gflops']:.0f} "
-          f"GFLOP/s ({limits['peak_formula']}); {limits['matmul_formula']} runs at {limits['matmul_gflops']:.0f} "
-          f"GFLOP/s; GLIBC_TUNABLES={tunables!r}; precision {args.precision}")
+    print(f"code {code}; {args.device.upper()}: {limits['device_name']} (host CPU: {cpu_name()}); "
+          f"peak ~{limits['peak_gflops']:.0f} GFLOP/s ({limits['peak_formula']}); "
+          f"{limits['matmul_formula']} runs at {limits['matmul_gflops']:.0f} GFLOP/s; "
+          f"GLIBC_TUNABLES={tunables!r}; precision {args.precision}")
     rng = np.random.default_rng(0)
     pool = rng.integers(0, 256, (4 * args.batch_size, 32, 32, 3), dtype=np.uint8)
     pool_labels = rng.integers(0, 10, len(pool))
