@@ -59,9 +59,9 @@ def test_ratios_are_flax_over_torch_and_each_merge_over_branches(capsys):
 
 
 def test_the_peak_counts_hyperthreads_of_one_core_once():
-    physical_cores = load_script("benchmark").physical_cores
+    benchmark = load_script("benchmark")
     core_cpus = {0: "0,2", 1: "1,3", 2: "0,2", 3: "1,3", 4: "4"}
-    assert physical_cores([0, 1, 2, 3], core_cpus.get) == 2
-    assert physical_cores([0, 4], core_cpus.get) == 2
-    assert physical_cores([0, 2, 7, 8], core_cpus.get) == 3  # CPUs the kernel gives no topology for count alone
-    assert load_script("benchmark").sysfs_core(10 ** 6) is None  # no such CPU: no topology, no error
+    assert benchmark.physical_cores([0, 1, 2, 3], core_cpus.get) == 2
+    assert benchmark.physical_cores([0, 4], core_cpus.get) == 2
+    assert benchmark.physical_cores([0, 2, 7, 8], core_cpus.get) == 3  # CPUs without a known topology count alone
+    assert benchmark.sysfs_core(10 ** 6) is None  # no such CPU: no topology, no error

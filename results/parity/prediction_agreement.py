@@ -21,7 +21,7 @@ def load(run: Path):
     framework = json.loads((run / "summary.json").read_text())["framework"]
     logits, labels = evaluation["logits"][order].astype(np.float64), evaluation["labels"][order]
     test_loss = -log_softmax(logits)[np.arange(len(labels)), labels].mean()
-    return framework, logits.argmax(1), labels, test_loss
+    return framework, logits.argmax(1), labels, test_loss, read_metrics(run)
 
 
 def main():
@@ -29,7 +29,7 @@ def main():
     labels = next(iter(runs.values()))[2]
     width = max(map(len, runs))
     print("test accuracy and loss, from each run's evaluation.npz:")
-    for name, (framework, predicted, _, test_loss) in runs.items():
+    for name, (framework, predicted, _, test_loss, _) in runs.items():
         print(f"  {name:{width}}  {framework:7}  {100 * (predicted == labels).mean():.2f} %  {test_loss:.4f}")
     print("\npairs: images the two predict differently; of those, right in the first only / the second only")
     by_kind = {"same framework": [], "across frameworks": []}
@@ -46,8 +46,7 @@ def main():
     for name, (_, predicted, *_) in runs.items():
         print(f"  {name:{width}}  " + " ".join(f"{100 * (predicted[labels == c] == c).mean():6.1f}"
                                                 for c in range(len(CLASS_NAMES))))
-    print_train_losses({name: (framework, read_metrics(Path(path))) for path, (name, (framework, *_))
-                        in zip(sys.argv[1:], runs.items())})
+    print_train_losses({name: (framework, history) for name, (framework, *_, history) in runs.items()})
 
 
 def print_train_losses(histories: dict) -> None:
