@@ -1,0 +1,59 @@
+"""One-off: the seed preset's three aggregated merges, each alone, forward + backward, median of 21.
+
+    PYTHONPATH=. python results/benchmark/amd-avx512-head/merges_by_block.py flax|torch
+"""
+import statistics
+import sys
+import time
+
+import numpy as np
+
+FRAMEWORK = sys.argv[1]
+# (batch, C in, C out, image side) of blocks_0..2
+SHAPES = [(128, 32, 32, 32), (128, 32, 64, 16), (128, 64, 128, 8)]
+
+
+def median_ms(run, repeats=21):
+    for _ in range(3):
+        run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def flax_run(x, kernels, attention):
+    import jax
+    import jax.numpy as jnp
+
+    from flax_expert.model import merge_aggregated
+
+    grad = jax.jit(jax.grad(lambda *operands: merge_aggregated(*operands).sum(), argnums=(0, 1, 2)))
+    operands = [jnp.asarray(a) for a in (x, kernels, attention)]
+    return lambda: jax.block_until_ready(grad(*operands))
+
+
+def torch_run(x, kernels, attention):
+    import torch
+
+    from torch_reference.model import merge_aggregated
+
+    x = torch.tensor(x).permute(0, 3, 1, 2).contiguous().requires_grad_()
+    kernels = torch.tensor(kernels).permute(0, 4, 3, 1, 2).contiguous().requires_grad_()
+    attention = torch.tensor(attention).requires_grad_()
+
+    def run():
+        y = merge_aggregated(x, kernels, attention, 1)
+        y.backward(torch.ones_like(y))
+    return run
+
+
+rng = np.random.default_rng(0)
+for n, c_in, c_out, side in SHAPES:
+    x = rng.standard_normal((n, side, side, c_in), np.float32)
+    kernels = rng.standard_normal((4, 3, 3, c_in, c_out), np.float32) * 0.1
+    attention = rng.dirichlet(np.ones(4), n).astype(np.float32)
+    run = (flax_run if FRAMEWORK == "flax" else torch_run)(x, kernels, attention)
+    print(f"{FRAMEWORK} ({n},{c_in}->{c_out},{side}x{side}) aggregated fwd+bwd {median_ms(run):7.1f} ms", flush=True)
