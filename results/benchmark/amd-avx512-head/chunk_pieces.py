@@ -4,27 +4,14 @@ merge of the batch.
 
     PYTHONPATH=. python results/benchmark/amd-avx512-head/chunk_pieces.py
 """
-import statistics
-import time
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from flax_expert.model import batch_chunk, extract_patches, image_elements, merge_aggregated
+from timing import median_ms
 
 rng = np.random.default_rng(0)
-
-
-def median_ms(run, repeats=31):
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 for c_in, c_out, side in [(32, 32, 32), (32, 64, 16), (64, 128, 8)]:
@@ -38,11 +25,11 @@ for c_in, c_out, side in [(32, 32, 32), (32, 64, 16), (64, 128, 8)]:
     dot = jax.jit(lambda p, w: jnp.einsum("npq,nqo->npo", p, w))
     merge = jax.jit(merge_aggregated)
     p, w = patches(x_chunk), per_image(a_chunk)
-    times = [median_ms(lambda: patches(x_chunk).block_until_ready()),
-             median_ms(lambda: per_image(a_chunk).block_until_ready()),
-             median_ms(lambda: dot(p, w).block_until_ready())]
-    chunks = 128 // chunk
+    times = [median_ms(lambda: patches(x_chunk).block_until_ready(), 31),
+             median_ms(lambda: per_image(a_chunk).block_until_ready(), 31),
+             median_ms(lambda: dot(p, w).block_until_ready(), 31)]
+    chunks, whole = 128 // chunk, median_ms(lambda: merge(x, kernels, attention).block_until_ready(), 31)
     print(f"{c_in}->{c_out} {side}x{side}, chunks of {chunk}: patches {times[0]:.2f}, kernels {times[1]:.2f}, "
           f"dot {times[2]:.2f} ms ({2 * chunk * side * side * 9 * c_in * c_out / times[2] / 1e6:.0f} GFLOP/s) a chunk; "
-          f"x {chunks} = {chunks * sum(times):.1f} ms; the whole merge {median_ms(lambda: merge(x, kernels, attention).block_until_ready()):.1f} ms",
+          f"x {chunks} = {chunks * sum(times):.1f} ms; the whole merge {whole:.1f} ms",
           flush=True)

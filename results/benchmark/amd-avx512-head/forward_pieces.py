@@ -3,26 +3,15 @@ each block's aggregated merge, and each block's BatchNorm (eval) -> ReLU -> 2x2 
 
     PYTHONPATH=. python results/benchmark/amd-avx512-head/forward_pieces.py flax|torch
 """
-import statistics
 import sys
-import time
 
 import numpy as np
+
+from timing import median_ms
 
 FRAMEWORK = sys.argv[1]
 BLOCKS = [(32, 32, 32), (32, 64, 16), (64, 128, 8)]  # C in, C out, image side
 rng = np.random.default_rng(0)
-
-
-def median_ms(run, repeats=31):
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return round(statistics.median(times) * 1e3, 1)
 
 
 def flax_pieces():
@@ -63,4 +52,4 @@ def torch_pieces():
 
 
 for name, run in (flax_pieces if FRAMEWORK == "flax" else torch_pieces)():
-    print(f"{FRAMEWORK} {name} fwd {median_ms(run)} ms", flush=True)
+    print(f"{FRAMEWORK} {name} fwd {median_ms(run, 31):.1f} ms", flush=True)

@@ -2,26 +2,15 @@
 
     PYTHONPATH=. python results/benchmark/amd-avx512-head/merges_by_block.py flax|torch
 """
-import statistics
 import sys
-import time
 
 import numpy as np
+
+from timing import median_ms
 
 FRAMEWORK = sys.argv[1]
 # (batch, C in, C out, image side) of blocks_0..2
 SHAPES = [(128, 32, 32, 32), (128, 32, 64, 16), (128, 64, 128, 8)]
-
-
-def median_ms(run, repeats=21):
-    for _ in range(3):
-        run()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
 
 
 def flax_run(x, kernels, attention):
@@ -56,4 +45,5 @@ for n, c_in, c_out, side in SHAPES:
     kernels = rng.standard_normal((4, 3, 3, c_in, c_out), np.float32) * 0.1
     attention = rng.dirichlet(np.ones(4), n).astype(np.float32)
     run = (flax_run if FRAMEWORK == "flax" else torch_run)(x, kernels, attention)
-    print(f"{FRAMEWORK} ({n},{c_in}->{c_out},{side}x{side}) aggregated fwd+bwd {median_ms(run):7.1f} ms", flush=True)
+    milliseconds = median_ms(run, 21)
+    print(f"{FRAMEWORK} ({n},{c_in}->{c_out},{side}x{side}) aggregated fwd+bwd {milliseconds:7.1f} ms", flush=True)

@@ -3,9 +3,7 @@
     PYTHONPATH=. python results/benchmark/amd-avx512-head/step_variants.py VARIANT [PRESET]
 """
 import itertools
-import statistics
 import sys
-import time
 
 import numpy as np
 
@@ -25,6 +23,7 @@ PATCHES[variant]()
 import jax  # noqa: E402
 
 from flax_expert import train as flax_train  # noqa: E402
+from timing import median_ms  # noqa: E402
 
 backend = flax_train.FlaxBackend(preset.model, preset.train, steps_per_epoch=1000, seed=0, devices=1)
 rng = np.random.default_rng(0)
@@ -37,12 +36,5 @@ def train():
     jax.block_until_ready(backend.train_step(images, labels, next(steps), 1.0))
 
 
-for _ in range(3):
-    train()
-times = []
-for _ in range(15):
-    start = time.perf_counter()
-    train()
-    times.append(time.perf_counter() - start)
-median = statistics.median(times)
+median = median_ms(train, 15) / 1e3
 print(f"{variant:10s} {preset.name} train step {median * 1e3:7.1f} ms  ({128 / median:6.1f} img/s)", flush=True)
