@@ -1,4 +1,5 @@
-"""One-off: the seed preset's three aggregated merges, each alone, forward + backward, median of 21.
+"""One-off: the seed preset's three aggregated merges, each alone, forward + backward (the output
+and the three gradients, as benchmark.py times them), median of 21.
 
     PYTHONPATH=. python results/benchmark/amd-avx512-head/merges_by_block.py flax|torch
 """
@@ -19,9 +20,14 @@ def flax_run(x, kernels, attention):
 
     from flax_expert.model import merge_aggregated
 
-    grad = jax.jit(jax.grad(lambda *operands: merge_aggregated(*operands).sum(), argnums=(0, 1, 2)))
+    @jax.jit
+    def forward_backward(x, kernels, attention):
+        # y is returned too: the gradients of a bilinear merge do not need it, and XLA would drop it.
+        y, pullback = jax.vjp(merge_aggregated, x, kernels, attention)
+        return y, pullback(jnp.ones_like(y))
+
     operands = [jnp.asarray(a) for a in (x, kernels, attention)]
-    return lambda: jax.block_until_ready(grad(*operands))
+    return lambda: jax.block_until_ready(forward_backward(*operands))
 
 
 def torch_run(x, kernels, attention):
@@ -35,7 +41,7 @@ def torch_run(x, kernels, attention):
 
     def run():
         y = merge_aggregated(x, kernels, attention, 1)
-        y.backward(torch.ones_like(y))
+        return y, torch.autograd.grad(y, (x, kernels, attention), torch.ones_like(y))
     return run
 
 
