@@ -8,13 +8,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from expert_core.config import get_preset
 from flax_expert.model import batch_chunk, extract_patches, image_elements, merge_aggregated
+from scripts.benchmark import block_shapes
 from timing import median_ms
 
 rng = np.random.default_rng(0)
 
 
-for c_in, c_out, side in [(32, 32, 32), (32, 64, 16), (64, 128, 8)]:
+for _, side, _, c_in, c_out in block_shapes(get_preset("seed").model, 128):
     x = jnp.asarray(rng.standard_normal((128, side, side, c_in), np.float32))
     kernels = jnp.asarray(rng.standard_normal((4, 3, 3, c_in, c_out), np.float32))
     attention = jnp.asarray(rng.dirichlet(np.ones(4), 128).astype(np.float32))

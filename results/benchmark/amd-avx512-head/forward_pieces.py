@@ -7,10 +7,12 @@ import sys
 
 import numpy as np
 
+from expert_core.config import get_preset
+from scripts.benchmark import block_shapes
 from timing import median_ms
 
 FRAMEWORK = sys.argv[1]
-BLOCKS = [(32, 32, 32), (32, 64, 16), (64, 128, 8)]  # C in, C out, image side
+BLOCKS = [(c_in, c_out, side) for _, side, _, c_in, c_out in block_shapes(get_preset("seed").model, 128)]
 rng = np.random.default_rng(0)
 
 

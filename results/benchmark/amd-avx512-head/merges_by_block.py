@@ -7,11 +7,11 @@ import sys
 
 import numpy as np
 
+from expert_core.config import get_preset
+from scripts.benchmark import block_shapes
 from timing import median_ms
 
 FRAMEWORK = sys.argv[1]
-# (batch, C in, C out, image side) of blocks_0..2
-SHAPES = [(128, 32, 32, 32), (128, 32, 64, 16), (128, 64, 128, 8)]
 
 
 def flax_run(x, kernels, attention):
@@ -46,7 +46,7 @@ def torch_run(x, kernels, attention):
 
 
 rng = np.random.default_rng(0)
-for n, c_in, c_out, side in SHAPES:
+for n, side, _, c_in, c_out in block_shapes(get_preset("seed").model, 128):
     x = rng.standard_normal((n, side, side, c_in), np.float32)
     kernels = rng.standard_normal((4, 3, 3, c_in, c_out), np.float32) * 0.1
     attention = rng.dirichlet(np.ones(4), n).astype(np.float32)
